@@ -1,0 +1,156 @@
+"""What every model family offers the training loop, sampling and the latent cache.
+
+A `ModelAdapter` holds the loaded components of one pipeline and hides the family differences
+(SD1.x/2.x vs SDXL: text encoders, pooled embeddings, time ids) behind four methods:
+`encode_images`, `encode_prompts`, `added_cond_kwargs` and `build_pipeline`. The loop never asks
+which family it trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning for a batch of prompts: per-token states and (SDXL) pooled embeddings."""
+
+    encoder_hidden_states: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def repeat(self, n: int) -> "Conditioning":
+        """The batch repeated n times along dim 0 (winners then losers share their prompt)."""
+        pooled = None if self.pooled is None else self.pooled.repeat(n, 1)
+        return Conditioning(self.encoder_hidden_states.repeat(n, 1, 1), pooled)
+
+    def to(self, *args, **kwargs) -> "Conditioning":
+        pooled = None if self.pooled is None else self.pooled.to(*args, **kwargs)
+        return Conditioning(self.encoder_hidden_states.to(*args, **kwargs), pooled)
+
+
+class ModelAdapter:
+    """The components of one diffusers text-to-image pipeline, loaded for training.
+
+    Subclasses set `family` and `pipeline_class` and implement `encode_prompts`,
+    `added_cond_kwargs`, `_load_text_components` and `_pipeline_components`.
+    """
+
+    family: str = ""
+    pipeline_class = None
+
+    def __init__(self, model_path: str, unet, vae, text_encoders, tokenizers, noise_scheduler, sample_scheduler):
+        self.model_path = model_path
+        self.unet = unet
+        self.vae = vae
+        self.text_encoders = list(text_encoders)
+        self.tokenizers = list(tokenizers)
+        self.noise_scheduler = noise_scheduler  # DDPM, used for the forward process and NCP steps
+        self.sample_scheduler = sample_scheduler  # the pipeline's own scheduler, for sampling
+
+    # ----- loading -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model: str, *, vae: str | None = None, revision: str | None = None,
+                        variant: str | None = None, weight_dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> "ModelAdapter":
+        """Load every component of the pipeline `model` (hub id or local folder).
+
+        `vae` optionally names another AutoencoderKL (hub id or folder, e.g. the fp16-fix SDXL
+        VAE). Frozen components are put in `weight_dtype`; nothing requires grad on return.
+        """
+        import diffusers
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+        common = dict(revision=revision)
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", variant=variant,
+                                                    torch_dtype=weight_dtype, **common)
+        vae_model = _load_vae(vae, revision, weight_dtype) if vae else AutoencoderKL.from_pretrained(
+            model, subfolder="vae", variant=variant, torch_dtype=weight_dtype, **common)
+        text_encoders, tokenizers = cls._load_text_components(model, variant=variant, dtype=weight_dtype, **common)
+        noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", **common)
+        sched_name = diffusers.DiffusionPipeline.load_config(model, revision=revision).get("scheduler", [None, None])[1]
+        sched_cls = getattr(diffusers, sched_name or "DDIMScheduler", diffusers.DDIMScheduler)
+        sample_scheduler = sched_cls.from_pretrained(model, subfolder="scheduler", **common)
+
+        for module in [unet, vae_model, *text_encoders]:
+            module.requires_grad_(False)
+            module.eval()
+            module.to(device=device)
+        return cls(str(model), unet, vae_model, text_encoders, tokenizers, noise_scheduler, sample_scheduler)
+
+    @classmethod
+    def _load_text_components(cls, model, **kwargs):
+        raise NotImplementedError
+
+    # ----- facts -----------------------------------------------------------------------------
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    # ----- the data path -----------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Latents x0 of images in [-1, 1], shape (N, 3, H, W): the VAE posterior MEAN, shifted and
+        scaled as the VAE config says. Deterministic, so a latent cache equals on-the-fly encoding."""
+        config = self.vae.config
+        latents = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.mean
+        if getattr(config, "shift_factor", None) is not None:
+            latents = latents - config.shift_factor
+        return (latents * config.scaling_factor).float()
+
+    def tokenize(self, captions: list[str]) -> list[torch.Tensor]:
+        """Token ids per tokenizer, padded to the tokenizer's max length (truncating longer captions)."""
+        return [
+            tok(list(captions), padding="max_length", max_length=tok.model_max_length,
+                truncation=True, return_tensors="pt").input_ids
+            for tok in self.tokenizers
+        ]
+
+    def encode_prompts(self, captions: list[str]) -> Conditioning:
+        raise NotImplementedError
+
+    def added_cond_kwargs(self, cond: Conditioning, original_sizes: torch.Tensor, crops_top_left: torch.Tensor,
+                          target_size: tuple[int, int]) -> dict | None:
+        """Extra U-Net inputs (SDXL: pooled text embeds and time ids); None for SD1.x/2.x."""
+        return None
+
+    # ----- outputs -----------------------------------------------------------------------------
+    def _pipeline_components(self, unet) -> dict:
+        raise NotImplementedError
+
+    def build_pipeline(self, unet=None, scheduler=None):
+        """A sampling pipeline sharing this adapter's modules (no reload, no copy)."""
+        components = self._pipeline_components(unet if unet is not None else self.unet)
+        components["scheduler"] = scheduler if scheduler is not None else self.sample_scheduler
+        return self.pipeline_class(**components)
+
+    def save_lora(self, unet, output_dir: str | Path, weight_name: str = "pytorch_lora_weights.safetensors") -> Path:
+        """Save the U-Net's LoRA adapter in diffusers format, loadable by `load_lora_weights`."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+        self.pipeline_class.save_lora_weights(output_dir, unet_lora_layers=state, weight_name=weight_name)
+        return output_dir / weight_name
+
+
+def _load_vae(vae: str, revision: str | None, dtype: torch.dtype):
+    """An AutoencoderKL from a folder/hub id holding either the VAE itself or a `vae/` subfolder."""
+    from diffusers import AutoencoderKL
+
+    local = Path(vae)
+    subfolder = "vae" if local.is_dir() and not (local / "config.json").exists() and (local / "vae").is_dir() else None
+    return AutoencoderKL.from_pretrained(vae, subfolder=subfolder, revision=revision, torch_dtype=dtype)
