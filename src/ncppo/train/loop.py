@@ -1,0 +1,288 @@
+"""The training recipe, top to bottom: `train(TrainConfig) -> TrainResult`.
+
+Runs as one process (`ncppo train ...`) or many (`accelerate launch -m ncppo train ...`, with
+DeepSpeed/FSDP from accelerate's own config). Every random draw of step k comes from generators
+seeded by (seed, k, process), so a resumed run repeats the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..manifest import write_manifest
+from ..spaces.ncp import NCPConfig
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .data import build_dataloader, describe
+from .hooks import EvalHook, ValidationHook
+from .step import Reference, preference_step
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    weights_path: Path
+    steps: int
+    final_metrics: dict = field(default_factory=dict)
+    eval_history: list = field(default_factory=list)
+    stopped_early: str | None = None
+
+
+class NonFiniteStop(RuntimeError):
+    """Too many consecutive non-finite losses or gradients."""
+
+
+def train(config: TrainConfig) -> TrainResult:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    config.validate()
+    out = Path(config.output_dir)
+
+    # 1. Processes, precision, trackers.
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    set_seed(config.seed)
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    # 2. Model: frozen components in the mixed-precision dtype; trainable weights stay fp32.
+    from ..models import load_model
+
+    weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
+    adapter = load_model(config.model, family=config.family, vae=config.vae, revision=config.revision,
+                         variant=config.variant, weight_dtype=weight_dtype, device=accelerator.device)
+    unet, reference = _trainable_unet(adapter, config, weight_dtype, accelerator.device)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if config.finetune == "lora":
+        ckpt.register_lora_hooks(accelerator, unet)
+
+    # 3. Data: validated pair rows, deterministic order per epoch, no replay on resume.
+    dataset, dataloader, sampler = build_dataloader(config, adapter)
+
+    # 4. Optimizer and schedule.
+    params = [p for p in unet.parameters() if p.requires_grad]
+    lr = config.learning_rate
+    if config.scale_lr:
+        lr *= config.batch_size * config.gradient_accumulation_steps * world
+    optimizer = _optimizer(config, params, lr)
+    from diffusers.optimization import get_scheduler
+
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=config.lr_warmup_steps * world,
+                                 num_training_steps=config.max_steps * world)
+    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
+    if config.finetune == "lora":
+        reference.unet = accelerator.unwrap_model(unet)
+
+    # 5. Resume: weights, optimizer, schedule and RNG from the checkpoint; data position from the step.
+    state = {"step": 0, "nonfinite_skipped": 0, "skipped_rows": [], "eval_history": []}
+    resume_from = ckpt.resolve_resume(out, config.resume)
+    if resume_from is not None:
+        state.update(ckpt.load_checkpoint(accelerator, resume_from))
+        accelerator.print(f"resumed from {resume_from} at step {state['step']}")
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers("ncppo", config={k: str(v) for k, v in vars(config).items()})
+    ncp = NCPConfig(timestep_mode=config.timestep_mode, layers=config.ncp_layers,
+                    checkpoint_encoder=config.checkpoint_encoder)
+    validation = ValidationHook(config, adapter, accelerator)
+    evaluation = EvalHook(config, adapter, accelerator, history=state["eval_history"])
+    if state["step"] == 0:
+        evaluation.maybe_run(accelerator.unwrap_model(unet), step=0)
+
+    # 6. The loop.
+    micro_per_epoch = len(dataloader)
+    if micro_per_epoch == 0:
+        raise ValueError(f"--data {config.data}: no usable pairs for batch size {config.batch_size} x {world} processes")
+    micro_done = state["step"] * config.gradient_accumulation_steps
+    epoch, skip = divmod(micro_done, micro_per_epoch)
+    window, consecutive_bad, stopped = _MetricWindow(), 0, None
+    progress = tqdm(total=config.max_steps, initial=state["step"], desc="train", unit="step",
+                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    step_started = time.perf_counter()
+    unet.train()
+    while state["step"] < config.max_steps and stopped is None:
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+        skip = 0
+        for batch in batches:
+            state["skipped_rows"].extend(batch.get("skipped", []))
+            generator = _step_generator(config.seed, state["step"], micro_done, rank, accelerator.device)
+            with accelerator.accumulate(unet), accelerator.autocast():
+                out_step = preference_step(adapter, unet, reference, batch, objective=config.objective,
+                                           space=config.space, beta=config.beta, cpo_lambda=config.cpo_lambda,
+                                           ncp=ncp, generator=generator, resolution=config.resolution)
+                loss_ok = _all_processes(accelerator, bool(torch.isfinite(out_step.loss)))
+                if loss_ok:
+                    accelerator.backward(out_step.loss)
+                    window.add(out_step)
+                grad_ok = True
+                if accelerator.sync_gradients:
+                    if config.max_grad_norm > 0:
+                        norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                        grad_ok = bool(torch.isfinite(torch.as_tensor(norm)))
+                    if loss_ok and grad_ok:
+                        optimizer.step()
+                        lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+            micro_done += 1
+            if not (loss_ok and grad_ok):
+                state["nonfinite_skipped"] += 1
+                consecutive_bad += 1
+                if consecutive_bad >= config.max_nonfinite:
+                    stopped = (f"{consecutive_bad} consecutive non-finite losses/gradients at step {state['step']}: "
+                               "lower --learning-rate or --beta, or use --mixed-precision bf16/no instead of fp16")
+                    break
+            else:
+                consecutive_bad = 0
+            if not accelerator.sync_gradients:
+                continue
+
+            # One optimizer step done.
+            state["step"] += 1
+            step = state["step"]
+            progress.update(1)
+            metrics = window.reduce(accelerator)
+            if metrics:
+                metrics["lr"] = lr_scheduler.get_last_lr()[0]
+                metrics["sec_per_step"] = time.perf_counter() - step_started
+                progress.set_postfix(loss=f"{metrics['loss']:.4g}", acc=f"{metrics.get('implicit_acc', 0):.2f}")
+                _log(accelerator, config, out, step, metrics, window.last_local)
+                state["last_metrics"] = metrics
+            step_started = time.perf_counter()
+            validation.maybe_run(accelerator.unwrap_model(unet), step)
+            evaluation.maybe_run(accelerator.unwrap_model(unet), step)
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
+                ckpt.save_checkpoint(accelerator, out, step, state, config.checkpoints_total_limit)
+            if step >= config.max_steps:
+                break
+        epoch += 1
+    progress.close()
+
+    # 7. Outputs: final weights, last images, manifest.
+    final_unet = accelerator.unwrap_model(unet)
+    if stopped is not None:
+        ckpt.save_checkpoint(accelerator, out, state["step"], state, None)
+        accelerator.print(f"stopped: {stopped}")
+    validation.maybe_run(final_unet, state["step"], final=True)
+    weights_path = out
+    if accelerator.is_main_process:
+        if config.finetune == "lora":
+            weights_path = adapter.save_lora(final_unet, out)
+        else:
+            weights_path = ckpt.save_full_unet(final_unet, out)
+        write_manifest(out / "manifest.json", command="train", config=config, seed=config.seed,
+                       processes=world, steps=state["step"], stopped_early=stopped,
+                       data=describe(dataset, config), nonfinite_skipped=state["nonfinite_skipped"],
+                       skipped_rows={"count": len(state["skipped_rows"]), "rows": state["skipped_rows"][:1000]},
+                       final_metrics=state.get("last_metrics", {}), eval_history=state["eval_history"],
+                       weights=str(weights_path))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(out, Path(weights_path), state["step"], state.get("last_metrics", {}),
+                       state["eval_history"], stopped)
+
+
+# ----- helpers, in the order the recipe uses them ----------------------------------------------
+
+def _trainable_unet(adapter, config: TrainConfig, weight_dtype, device):
+    """(the U-Net to train, the frozen Reference that is also the NCP encoder)."""
+    from ..lora import adapters_disabled
+
+    unet = adapter.unet
+    if config.finetune == "lora":
+        from peft import LoraConfig
+
+        unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank,
+                                    init_lora_weights="gaussian", target_modules=list(config.lora_targets)))
+        for p in unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # LoRA weights train in fp32 even when the base is fp16/bf16
+        return unet, Reference(unet, lambda: adapters_disabled(unet))
+    # Full fine-tune: a separate frozen reference (loaded again, not deep-copied from a training module).
+    from diffusers import UNet2DConditionModel
+
+    reference = UNet2DConditionModel.from_pretrained(config.model, subfolder="unet", revision=config.revision,
+                                                     variant=config.variant, torch_dtype=weight_dtype)
+    reference.requires_grad_(False).eval().to(device)
+    unet.to(torch.float32).requires_grad_(True)
+    return unet, Reference(reference)
+
+
+def _optimizer(config: TrainConfig, params, lr):
+    kwargs = dict(lr=lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+                  weight_decay=config.weight_decay)
+    if config.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise ImportError("--optimizer adamw8bit needs bitsandbytes: pip install 'ncppo[bnb]'") from err
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def _step_generator(seed: int, step: int, micro: int, rank: int, device) -> torch.Generator:
+    """The generator of one micro-step: a pure function of (seed, micro-step, process)."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + micro * 1_009 + rank) % (2**63 - 1))
+    return g
+
+
+def _all_processes(accelerator, flag: bool) -> bool:
+    """True only if `flag` is True on every process (so all skip a bad step together)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([0.0 if flag else 1.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() == 0)
+
+
+class _MetricWindow:
+    """Averages metrics over the micro-steps of one optimizer step, then across processes."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.last_local: dict[str, float] = {}
+
+    def add(self, out) -> None:
+        values = {"loss": out.loss.detach(), **out.metrics}
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.count += 1
+
+    def reduce(self, accelerator) -> dict[str, float]:
+        if self.count == 0:
+            return {}
+        keys = sorted(self.sums)
+        local = torch.tensor([self.sums[k] / self.count for k in keys], device=accelerator.device, dtype=torch.float64)
+        self.last_local = dict(zip(keys, local.tolist()))
+        merged = accelerator.reduce(local, reduction="mean") if accelerator.num_processes > 1 else local
+        self.sums, self.count = {}, 0
+        return dict(zip(keys, merged.tolist()))
+
+
+def _log(accelerator, config: TrainConfig, out: Path, step: int, metrics: dict, local: dict) -> None:
+    if config.log_rank_metrics:
+        with open(out / f"metrics_rank{accelerator.process_index}.jsonl", "a") as fh:
+            fh.write(json.dumps({"step": step, **local}) + "\n")
+    if step % config.log_every and step != config.max_steps:
+        return
+    if accelerator.is_main_process:
+        with open(out / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps({"step": step, **metrics}) + "\n")
+        accelerator.log({f"train/{k}": v for k, v in metrics.items() if math.isfinite(v)}, step=step)

@@ -1,0 +1,84 @@
+"""One preference step: a batch of pairs -> per-sample errors -> loss and metrics.
+
+Family-agnostic: everything model-specific goes through the `ModelAdapter`. Random draws come
+from the generator the loop passes in, so a step is reproducible from (seed, step).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..models import ModelAdapter
+from ..objectives import NEEDS_REFERENCE, LossOutput, preference_loss
+from ..spaces import compute_errors
+from ..spaces.ncp import NCPConfig
+
+
+@dataclass
+class Reference:
+    """The frozen side of a step: the reference U-Net and how to make it frozen.
+
+    With LoRA, `unet` is the trained U-Net itself and `context` disables its adapters; with a
+    full fine-tune, `unet` is a separate frozen copy and `context` is None. The same frozen
+    network is the NCP encoder.
+    """
+
+    unet: torch.nn.Module
+    context: Callable[[], object] | None = None
+
+    def frozen(self):
+        return self.context() if self.context else nullcontext()
+
+
+def pair_batch_latents(adapter: ModelAdapter, batch: dict) -> torch.Tensor:
+    """Latents x0 of a batch, (2B, C, h, w): winners then losers (from the cache or the VAE)."""
+    if "latents" in batch:
+        lat = batch["latents"]
+    else:
+        pix = batch["pixel_values"]
+        lat = adapter.encode_images(pix.flatten(0, 1)).unflatten(0, pix.shape[:2])
+    return winners_then_losers(lat).to(adapter.device, torch.float32)
+
+
+def winners_then_losers(x: torch.Tensor) -> torch.Tensor:
+    """(B, 2, ...) -> (2B, ...) with all winners first."""
+    return torch.cat([x[:, 0], x[:, 1]])
+
+
+def preference_step(adapter: ModelAdapter, policy: torch.nn.Module, reference: Reference, batch: dict, *,
+                    objective: str, space: str, beta: float, cpo_lambda: float, ncp: NCPConfig,
+                    generator: torch.Generator, resolution: int) -> LossOutput:
+    """Loss and metrics of one micro-batch of B pairs (the policy forward keeps the graph)."""
+    device = adapter.device
+    x0 = pair_batch_latents(adapter, batch)
+    b = x0.shape[0] // 2
+
+    cond = batch.get("conditioning") or adapter.encode_prompts(batch["captions"])
+    cond = cond.repeat(2).to(device)
+    added = adapter.added_cond_kwargs(cond, winners_then_losers(batch["original_sizes"]),
+                                      winners_then_losers(batch["crops_top_left"]), (resolution, resolution))
+
+    # Winner and loser of a pair share the noise and the timestep.
+    scheduler = adapter.noise_scheduler
+    noise = torch.randn((b, *x0.shape[1:]), generator=generator, device=device).repeat(2, 1, 1, 1)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator,
+                              device=device).repeat(2)
+    x_t = scheduler.add_noise(x0, noise, timesteps)
+
+    unet_dtype = next(reference.unet.parameters()).dtype
+    inputs = dict(encoder_hidden_states=cond.encoder_hidden_states.to(unet_dtype), added_cond_kwargs=added)
+    policy_pred = policy(x_t.to(unet_dtype), timesteps, **inputs).sample.float()
+    reference_pred = None
+    if objective in NEEDS_REFERENCE:
+        with torch.no_grad(), reference.frozen():
+            reference_pred = reference.unet(x_t.to(unet_dtype), timesteps, **inputs).sample.float()
+
+    policy_err, reference_err = compute_errors(
+        space, encoder=reference.unet, scheduler=scheduler, x0=x0, x_t=x_t, noise=noise, timesteps=timesteps,
+        policy_pred=policy_pred, reference_pred=reference_pred, encoder_hidden_states=inputs["encoder_hidden_states"],
+        added_cond_kwargs=added, config=ncp, generator=generator, encoder_context=reference.context)
+    return preference_loss(policy_err, reference_err, objective=objective, beta=beta, cpo_lambda=cpo_lambda)
