@@ -1,1 +1,59 @@
+"""Reward-model scorers behind one interface: `get_scorer(name, path=None, device="cpu",
+dtype=torch.float32, **options) -> Scorer` with `.name` and
+`.score(images: list[PIL.Image], prompts: list[str]) -> Tensor (N,)`.
 
+Scorers are imported lazily (by "module:Class" path) so a missing optional package only matters
+for the scorer that needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import torch
+
+from .base import Scorer, score_in_batches
+
+# name -> ("module:Class", fixed keyword arguments)
+SCORERS: dict[str, tuple[str, dict]] = {
+    "pickscore": ("ncppo.evaluate.scorers.pickscore:PickScore", {}),
+    "hpsv2": ("ncppo.evaluate.scorers.hpsv2:HPSv2", {"name": "hpsv2"}),
+    "hpsv2.1": ("ncppo.evaluate.scorers.hpsv2:HPSv2", {"name": "hpsv2.1"}),
+    "imagereward": ("ncppo.evaluate.scorers.imagereward:ImageRewardScorer", {}),
+    "clip": ("ncppo.evaluate.scorers.clip_score:CLIPScore", {}),
+    "aesthetic": ("ncppo.evaluate.scorers.aesthetic:LaionAesthetic", {}),
+    "toy-judge": ("ncppo.toy.judge:ToyJudge", {}),
+}
+
+
+def _import(target: str):
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def get_scorer(name: str, path: str | None = None, device="cpu", dtype: torch.dtype = torch.float32,
+               **options) -> Scorer:
+    """Load the scorer `name` (see SCORERS) once; `path` is its weights (file, folder or hub id) and
+    `options` are scorer-specific keywords (e.g. `clip_model`, `processor`, `tokenizer`)."""
+    if name not in SCORERS:
+        raise ValueError(f"unknown scorer {name!r}; choose from {sorted(SCORERS)}")
+    target, fixed = SCORERS[name]
+    cls = _import(target)
+    kwargs = {"path": path, "device": device, "dtype": dtype, **fixed, **options}
+    params = inspect.signature(cls).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = [k for k in options if k not in params]
+        if unknown:
+            raise TypeError(f"scorer {name!r} takes no option(s) {unknown}; it takes {sorted(set(params) - {'self'})}")
+        if path is not None and "path" not in params:
+            raise TypeError(f"scorer {name!r} takes no --scorer-path")
+        # optional interface arguments a scorer (e.g. the toy judge) may not declare
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    scorer = cls(**kwargs)
+    if getattr(scorer, "name", "scorer") in (None, "", "scorer"):
+        scorer.name = name
+    return scorer
+
+
+__all__ = ["SCORERS", "Scorer", "get_scorer", "score_in_batches"]

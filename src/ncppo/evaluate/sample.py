@@ -1,0 +1,376 @@
+"""Seeded image generation for evaluation: `ncppo sample` and the in-process `sample_images`.
+
+The image for (prompt i, seed s) depends only on the prompt, the seed and the settings: each
+image gets its own CPU `torch.Generator` seeded with s, so the batch size, the number of
+processes and the order of work do not change it (up to the float rounding of batched kernels).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..configs import ConfigError
+
+PROMPT_COLUMNS = ("prompt", "caption", "Prompt", "text")
+INDEX_FILE = "index.jsonl"
+MANIFEST_FILE = "sample_manifest.json"
+IMAGE_DIR = "images"
+
+# name -> (diffusers scheduler class name, extra config)
+SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {}),
+    "dpm++-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpm++-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class PromptSourceError(ValueError):
+    """A prompt file or dataset cannot be read; the message names the source and row."""
+
+
+# ---------------------------------------------------------------- prompts
+def _pick_column(columns, column: str | None, source) -> str:
+    if column:
+        if column not in columns:
+            raise PromptSourceError(f"{source}: no column {column!r}; columns are {list(columns)}")
+        return column
+    for name in PROMPT_COLUMNS:
+        if name in columns:
+            return name
+    raise PromptSourceError(f"{source}: no prompt column among {list(columns)}; name one with --prompt-column")
+
+
+def _check_prompt(value, source, row) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise PromptSourceError(f"{source}, row {row}: empty or non-text prompt {value!r}")
+    return value.strip()
+
+
+def read_prompts(source: str | Path, *, column: str | None = None, split: str = "train",
+                 unique: bool = False, limit: int | None = None) -> list[str]:
+    """Prompts from a .txt (one a line, blank lines skipped), .csv / .jsonl / .json / .parquet column,
+    a `datasets` `save_to_disk` folder or a `datasets` hub id (`split`, `column`).
+
+    A .json file may be a list of strings (the HPSv2 benchmark files) or of objects. The column
+    defaults to the first of prompt, caption, Prompt, text. `unique` keeps the first occurrence of
+    each prompt (e.g. the 500 unique Pick-a-Pic validation prompts); `limit` keeps the first N.
+    """
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if path.is_file() and suffix == ".txt":
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif path.is_file() and suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            col = _pick_column(reader.fieldnames or [], column, path)
+            prompts = [_check_prompt(row.get(col), path, i + 2) for i, row in enumerate(reader)]  # +2: header, 1-based
+    elif path.is_file() and suffix in (".jsonl", ".json"):
+        prompts = _read_json_prompts(path, column)
+    elif path.is_file() and suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        col = _pick_column(table.column_names, column, path)
+        prompts = [_check_prompt(v, path, i) for i, v in enumerate(table.column(col).to_pylist())]
+    elif path.is_file():
+        raise PromptSourceError(f"{path}: unsupported prompt file type {suffix!r} (.txt, .csv, .jsonl, .json, .parquet)")
+    else:
+        prompts = _read_dataset_prompts(str(source), column, split)
+    if unique:
+        prompts = list(dict.fromkeys(prompts))
+    if limit is not None:
+        prompts = prompts[:limit]
+    if not prompts:
+        raise PromptSourceError(f"{source}: no prompts")
+    return prompts
+
+
+def _read_json_prompts(path: Path, column: str | None) -> list[str]:
+    if path.suffix.lower() == ".json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise PromptSourceError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(rows, list):
+            raise PromptSourceError(f"{path}: expected a JSON list of prompts or of objects")
+    else:
+        rows = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise PromptSourceError(f"{path}, line {i}: not valid JSON ({err})") from None
+    prompts = []
+    for i, row in enumerate(rows, 1):
+        if isinstance(row, str):
+            prompts.append(_check_prompt(row, path, i))
+        elif isinstance(row, dict):
+            prompts.append(_check_prompt(row.get(_pick_column(row.keys(), column, f"{path}, row {i}")), path, i))
+        else:
+            raise PromptSourceError(f"{path}, row {i}: expected a string or an object, got {type(row).__name__}")
+    return prompts
+
+
+def _read_dataset_prompts(source: str, column: str | None, split: str) -> list[str]:
+    import datasets
+
+    if Path(source).is_dir():
+        try:
+            ds = datasets.load_from_disk(source)
+        except FileNotFoundError as err:
+            raise PromptSourceError(f"{source}: not a prompt file or a datasets save_to_disk folder ({err})") from None
+    else:
+        try:
+            ds = datasets.load_dataset(source, split=split)
+        except Exception as err:  # hub/network/format errors all mean "cannot read this source"
+            raise PromptSourceError(f"{source}: cannot load as a prompt file or datasets id ({err})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise PromptSourceError(f"{source}: no split {split!r}; splits are {list(ds)}")
+        ds = ds[split]
+    col = _pick_column(ds.column_names, column, source)
+    return [_check_prompt(v, source, i) for i, v in enumerate(ds[col])]
+
+
+# ---------------------------------------------------------------- pipeline
+def set_scheduler(pipeline, name: str) -> None:
+    """Replace the pipeline's scheduler by `name` (see SCHEDULERS), built from its scheduler config;
+    "default" keeps the saved one."""
+    if name == "default":
+        return
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose from {['default', *SCHEDULERS]}")
+    import diffusers
+
+    cls_name, extra = SCHEDULERS[name]
+    pipeline.scheduler = getattr(diffusers, cls_name).from_config(pipeline.scheduler.config, **extra)
+
+
+def load_pipeline(model: str, *, lora: str | None = None, lora_scale: float = 1.0, unet: str | None = None,
+                  scheduler: str = "default", dtype: torch.dtype = torch.float32, device="cpu",
+                  revision: str | None = None, variant: str | None = None):
+    """`DiffusionPipeline.from_pretrained(model)` (SD or SDXL), with an optional full fine-tuned
+    U-Net folder (`unet`, the folder or its parent holding `unet/`) and an optional LoRA file or
+    folder loaded with `pipe.load_lora_weights` at `lora_scale`."""
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+    kwargs = {}
+    if unet:
+        unet_dir = Path(unet)
+        if (unet_dir / "unet" / "config.json").is_file():
+            unet_dir = unet_dir / "unet"
+        if not (unet_dir / "config.json").is_file():
+            raise FileNotFoundError(f"--unet {unet}: no U-Net config.json there or in its unet/ subfolder")
+        kwargs["unet"] = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype)
+    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, revision=revision, variant=variant, **kwargs)
+    if getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None  # evaluation scores the raw samples; a blacked-out image is not a sample
+    if lora:
+        lora_path = Path(lora)
+        if lora_path.is_file():
+            pipe.load_lora_weights(str(lora_path.parent), weight_name=lora_path.name, adapter_name="eval")
+        elif lora_path.is_dir():
+            pipe.load_lora_weights(str(lora_path), adapter_name="eval")
+        else:
+            pipe.load_lora_weights(lora, adapter_name="eval")  # a hub id
+        if lora_scale != 1.0:
+            pipe.set_adapters(["eval"], adapter_weights=[lora_scale])
+    set_scheduler(pipe, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def sample_images(pipeline, prompts: list[str], seeds, *, steps: int, guidance: float,
+                  height: int | None = None, width: int | None = None, batch_size: int = 4,
+                  negative_prompt: str | None = None, progress: bool = True) -> list:
+    """Generate one PIL image per (prompts[k], seeds[k]) with an already-loaded pipeline.
+
+    `seeds` is a list as long as `prompts`, or one int used for every prompt. Every image has
+    its own CPU generator, so the result does not depend on `batch_size`.
+    """
+    from tqdm.auto import tqdm
+
+    prompts = list(prompts)
+    seeds = [int(seeds)] * len(prompts) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if len(seeds) != len(prompts):
+        raise ValueError(f"need one seed per prompt, got {len(seeds)} seeds for {len(prompts)} prompts")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    images = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", unit="batch", disable=not progress):
+        batch = prompts[start:start + batch_size]
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start:start + batch_size]]
+        out = pipeline(
+            prompt=batch,
+            negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=height,
+            width=width,
+            generator=generators,
+            output_type="pil",
+        )
+        images.extend(out.images)
+    return images
+
+
+# ---------------------------------------------------------------- the command
+@dataclass
+class SampleConfig:
+    model: str = field(metadata={"help": "base model: a diffusers folder or hub id (SD1.x/2.x or SDXL)"})
+    prompts: str = field(metadata={"help": "prompt source: .txt (one a line), .csv/.jsonl/.json/.parquet column, "
+                                           "datasets save_to_disk folder or datasets hub id"})
+    out: str = field(metadata={"help": "output folder (images/, index.jsonl, sample_manifest.json)"})
+    lora: str | None = field(default=None, metadata={"help": "LoRA weights file or folder (pipe.load_lora_weights)"})
+    lora_scale: float = field(default=1.0, metadata={"help": "LoRA strength"})
+    unet: str | None = field(default=None, metadata={"help": "full fine-tuned U-Net folder replacing the base U-Net"})
+    revision: str | None = field(default=None, metadata={"help": "model revision (hub ids)"})
+    variant: str | None = field(default=None, metadata={"help": "weights variant, e.g. fp16"})
+    prompt_column: str | None = field(default=None, metadata={
+        "help": "column holding the prompt; none = the first of prompt, caption, Prompt, text"})
+    prompt_split: str = field(default="train", metadata={"help": "datasets split to read prompts from"})
+    unique_prompts: bool = field(default=False, metadata={"help": "drop repeated prompts (keep the first)"})
+    max_prompts: int | None = field(default=None, metadata={"help": "use only the first N prompts"})
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "seeds; one image per prompt and seed"})
+    steps: int = field(default=50, metadata={"help": "inference steps"})
+    guidance: float = field(default=7.5, metadata={"help": "classifier-free guidance scale (<= 1 disables it)"})
+    scheduler: str = field(default="default", metadata={
+        "help": "sampler, built from the pipeline's scheduler config", "choices": ["default", *SCHEDULERS]})
+    negative_prompt: str | None = field(default=None, metadata={"help": "negative prompt for every image"})
+    height: int | None = field(default=None, metadata={"help": "image height; none = the model's default"})
+    width: int | None = field(default=None, metadata={"help": "image width; none = the model's default"})
+    batch_size: int = field(default=4, metadata={"help": "images per pipeline call, per process"})
+    dtype: str = field(default="float32", metadata={"help": "weights dtype", "choices": list(DTYPES)})
+
+    def validate(self) -> None:
+        if not self.seeds:
+            raise ConfigError("--seeds: give at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"--seeds: repeated seeds in {self.seeds}")
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+
+    def settings(self) -> dict:
+        """What determines an image besides its prompt and seed (checked when resuming)."""
+        keys = ("model", "lora", "lora_scale", "unet", "revision", "variant", "steps", "guidance", "scheduler",
+                "negative_prompt", "height", "width", "dtype")
+        return {k: getattr(self, k) for k in keys}
+
+
+def image_name(prompt_index: int, seed: int) -> str:
+    return f"{IMAGE_DIR}/{prompt_index:05d}_{seed}.png"
+
+
+def read_index(folder: str | Path) -> list[dict]:
+    """The rows of `folder/index.jsonl` (prompt, prompt_index, seed, file, model, settings)."""
+    path = Path(folder) / INDEX_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no sample index (run `ncppo sample --out {folder}` first)")
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {i}: not valid JSON ({err})") from None
+    return rows
+
+
+def _image_ok(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except Exception:  # unreadable or truncated: regenerate it
+        return False
+
+
+def _check_resume(out: Path, config: SampleConfig, prompts: list[str]) -> None:
+    manifest = out / MANIFEST_FILE
+    if manifest.is_file():
+        old = json.loads(manifest.read_text()).get("settings", {})
+        changed = {k: (old.get(k), v) for k, v in config.settings().items() if old.get(k) != v}
+        if changed:
+            k, (was, now) = next(iter(changed.items()))
+            raise ValueError(f"{out} holds samples made with other settings ({k}: {was!r} there, {now!r} now); "
+                             "use another --out")
+    if (out / INDEX_FILE).is_file():
+        for row in read_index(out):
+            i = row["prompt_index"]
+            if i < len(prompts) and prompts[i] != row["prompt"]:
+                raise ValueError(f"{out / INDEX_FILE}: prompt {i} there is {row['prompt']!r} but the prompt "
+                                 f"source gives {prompts[i]!r}; use another --out")
+
+
+def run_sample(config: SampleConfig) -> Path:
+    """Generate the missing images of (prompt, seed) for every prompt and seed, split across the
+    accelerate processes, then write index.jsonl and the run manifest. Returns the output folder."""
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    from .report import write_manifest
+
+    state = PartialState()
+    out = Path(config.out)
+    prompts = read_prompts(config.prompts, column=config.prompt_column, split=config.prompt_split,
+                           unique=config.unique_prompts, limit=config.max_prompts)
+    if state.is_main_process:
+        (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
+        _check_resume(out, config, prompts)
+    state.wait_for_everyone()
+    items = [(i, s) for i in range(len(prompts)) for s in config.seeds]
+    todo = [(i, s) for i, s in items if not _image_ok(out / image_name(i, s))]
+    state.wait_for_everyone()  # everyone has listed the missing images before anyone writes one
+    if state.is_main_process:
+        print(f"ncppo sample: {len(items)} images, {len(items) - len(todo)} already there, "
+              f"{len(todo)} to make on {state.num_processes} process(es)")
+    with state.split_between_processes(todo) as mine:
+        mine = list(mine)
+    if mine:
+        pipe = load_pipeline(config.model, lora=config.lora, lora_scale=config.lora_scale, unet=config.unet,
+                             scheduler=config.scheduler, dtype=DTYPES[config.dtype], device=state.device,
+                             revision=config.revision, variant=config.variant)
+        bs = config.batch_size
+        for start in tqdm(range(0, len(mine), bs), desc=f"sampling (process {state.process_index})",
+                          unit="batch", disable=not state.is_local_main_process):
+            chunk = mine[start:start + bs]
+            images = sample_images(pipe, [prompts[i] for i, _ in chunk], [s for _, s in chunk], steps=config.steps,
+                                   guidance=config.guidance, height=config.height, width=config.width,
+                                   batch_size=bs, negative_prompt=config.negative_prompt, progress=False)
+            for (i, s), image in zip(chunk, images):
+                target = out / image_name(i, s)
+                tmp = target.with_suffix(f".tmp{state.process_index}.png")
+                image.save(tmp, format="PNG")
+                os.replace(tmp, target)  # a crash never leaves a truncated PNG under the final name
+    state.wait_for_everyone()
+    if state.is_main_process:
+        settings = config.settings()
+        rows = [dict(prompt=prompts[i], prompt_index=i, seed=s, file=image_name(i, s), model=config.model,
+                     settings=settings) for i, s in items]
+        with open(out / INDEX_FILE, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+        write_manifest(out / MANIFEST_FILE, config, extra=dict(
+            settings=settings, num_prompts=len(prompts), num_images=len(items), generated=len(todo),
+            num_processes=state.num_processes))
+    state.wait_for_everyone()
+    return out
