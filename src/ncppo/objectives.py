@@ -1,0 +1,157 @@
+"""Preference objectives on per-sample errors (pure torch; no diffusers).
+
+Inputs are per-sample errors ordered **winners first, then losers**: ``errors[:B]`` are the
+winners, ``errors[B:]`` their losers. An error is a latent MSE (Diffusion-DPO) or an NCP
+perceptual error; lower error = higher likelihood of the image under the model.
+
+The one beta convention of this project
+---------------------------------------
+    h      = (ref_w - ref_l) - (pol_w - pol_l)        # how much more the policy prefers the winner
+    logits = beta * h
+    dpo    = -logsigmoid(logits)
+
+This equals the diffusers SD1.5 DPO example and the NCP research code (both default beta 2500).
+The official Diffusion-DPO code writes ``-0.5 * beta_dpo * (model_diff - ref_diff)``, so its
+``beta_dpo = 5000`` is ``beta = 2500`` here; diffusers' SDXL example uses the same 0.5 factor.
+``convert_beta`` and ``BETA_CONVENTIONS`` do the conversion.
+
+Objectives (mean over the B pairs; pol_*/ref_* are policy/reference errors)
+-----------------------------------------------------------------------------
+    dpo    -logsigmoid(logits)                                          needs a reference
+    hinge  relu(1 - logits)                                             needs a reference
+    ipo    (logits - 1/2)^2                                             needs a reference
+    cpo    -logsigmoid(-beta (pol_w - pol_l)) + cpo_lambda * pol_w      (paper eq. 19)
+    sft    pol_w
+    orpo   beta * pol_w + orpo_lambda * -logsigmoid(log_odds_w - log_odds_l)
+
+IPO scale. Azar et al. write (h_LL - 1/(2 tau))^2 on the log-likelihood-ratio difference h_LL,
+with tau playing DPO's beta. Here beta * h plays beta_DPO * h_LL, so their loss is
+(logits - 1/2)^2 / tau^2; we drop the constant 1/tau^2. The research code's
+``(h - 1/(2 beta))^2`` on the *unscaled* h has the same minimiser (h = 1/(2 beta)) but a gradient
+~beta^2 (~6e6 at beta 2500) times smaller than DPO's, so no DPO learning rate would move it;
+ours has DPO's gradient scale (-beta at h = 0, DPO's is -beta/2).
+
+ORPO for diffusion. The log-likelihood proxy of a sample is ``ll = -beta * error`` (<= 0, so
+p = exp(ll) is a probability), its log odds ``ll - log(1 - exp(ll))``; ORPO (Hong et al. 2024)
+adds the odds-ratio term to the winner's negative log-likelihood ``beta * pol_w``. Lowering the
+winner's error lowers both terms (the research code had the odds term's sign inverted).
+
+Metrics (detached scalars): ``implicit_acc`` (fraction of pairs with logits > 0, ties count
+half), ``reward_margin`` (mean h = mean logits / beta, in error units, so it is comparable across
+betas), ``policy_err_w``/``policy_err_l`` and, with a reference, ``ref_err_w``/``ref_err_l``.
+The logits behind the metrics use the reference whenever one is given; without one they are the
+reference-free ``-beta * (pol_w - pol_l)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+OBJECTIVES = ("dpo", "hinge", "ipo", "cpo", "sft", "orpo")
+NEEDS_REFERENCE = frozenset({"dpo", "hinge", "ipo"})
+
+# value in that convention * factor = beta here
+BETA_CONVENTIONS = {
+    "ncppo": 1.0,  # this project: logits = beta * ((ref_w - ref_l) - (pol_w - pol_l))
+    "diffusers-sd": 1.0,  # diffusers examples/research_projects/diffusion_dpo SD1.5 script
+    "ncp-code": 1.0,  # the NCP research code (--beta_dpo)
+    "diffusion-dpo": 0.5,  # official Diffusion-DPO: -0.5 * beta_dpo * (model_diff - ref_diff)
+    "diffusers-sdxl": 0.5,  # diffusers SDXL DPO script: same 0.5 factor
+}
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar, differentiable
+    metrics: dict[str, torch.Tensor]  # detached scalars
+
+
+def convert_beta(value: float, convention: str) -> float:
+    """Beta in this project's convention for a ``value`` given in ``convention``.
+
+    >>> convert_beta(5000, "diffusion-dpo")
+    2500.0
+    """
+    if convention not in BETA_CONVENTIONS:
+        raise ValueError(f"unknown beta convention {convention!r}; known: {sorted(BETA_CONVENTIONS)}")
+    return float(value) * BETA_CONVENTIONS[convention]
+
+
+def _split(errors: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if errors.ndim != 1 or errors.shape[0] == 0 or errors.shape[0] % 2:
+        raise ValueError(
+            f"{name} must be a 1-D tensor of 2B per-sample errors (winners then losers), got shape {tuple(errors.shape)}"
+        )
+    return errors.float().chunk(2)
+
+
+def _log_odds(nll: torch.Tensor) -> torch.Tensor:
+    """log(p / (1 - p)) for p = exp(-nll); nll is clamped away from 0 where the odds are infinite."""
+    nll = nll.clamp_min(1e-6)
+    return -nll - torch.log(-torch.expm1(-nll))
+
+
+def preference_loss(
+    policy_errors: torch.Tensor,
+    reference_errors: torch.Tensor | None = None,
+    *,
+    objective: str = "dpo",
+    beta: float = 2500.0,
+    cpo_lambda: float = 0.0,
+    orpo_lambda: float = 0.1,
+) -> LossOutput:
+    """Loss and metrics of ``objective`` on per-sample errors (2B,), winners then losers.
+
+    See the module docstring for the formulas and the beta convention.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
+    if objective in NEEDS_REFERENCE and reference_errors is None:
+        raise ValueError(
+            f"objective {objective!r} compares the policy with a reference model and needs reference_errors; "
+            f"the reference-free objectives are {sorted(set(OBJECTIVES) - NEEDS_REFERENCE)}"
+        )
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if cpo_lambda < 0 or orpo_lambda < 0:
+        raise ValueError(f"cpo_lambda and orpo_lambda must be >= 0, got {cpo_lambda}, {orpo_lambda}")
+
+    pol_w, pol_l = _split(policy_errors, "policy_errors")
+    if reference_errors is not None:
+        if reference_errors.shape != policy_errors.shape:
+            raise ValueError(
+                f"reference_errors shape {tuple(reference_errors.shape)} != policy_errors shape {tuple(policy_errors.shape)}"
+            )
+        ref_w, ref_l = _split(reference_errors, "reference_errors")
+        logits = beta * ((ref_w - ref_l) - (pol_w - pol_l))
+    else:
+        logits = -beta * (pol_w - pol_l)
+
+    if objective == "dpo":
+        loss = -F.logsigmoid(logits).mean()
+    elif objective == "hinge":
+        loss = torch.relu(1 - logits).mean()
+    elif objective == "ipo":
+        loss = ((logits - 0.5) ** 2).mean()
+    elif objective == "cpo":
+        loss = -F.logsigmoid(-beta * (pol_w - pol_l)).mean() + cpo_lambda * pol_w.mean()
+    elif objective == "sft":
+        loss = pol_w.mean()
+    else:  # orpo
+        odds_ratio = _log_odds(beta * pol_w) - _log_odds(beta * pol_l)
+        loss = (beta * pol_w).mean() - orpo_lambda * F.logsigmoid(odds_ratio).mean()
+
+    with torch.no_grad():
+        metrics = {
+            "implicit_acc": (logits > 0).float().mean() + 0.5 * (logits == 0).float().mean(),
+            "reward_margin": logits.mean() / beta,
+            "policy_err_w": pol_w.mean(),
+            "policy_err_l": pol_l.mean(),
+        }
+        if reference_errors is not None:
+            metrics["ref_err_w"] = ref_w.mean()
+            metrics["ref_err_l"] = ref_l.mean()
+    return LossOutput(loss=loss, metrics={k: v.detach() for k, v in metrics.items()})
