@@ -122,6 +122,7 @@ class _Backend:
     num_rows: int
     column_names: list[str]
     source: str
+    schema: Any  # pyarrow.Schema of the stored columns
 
     def take(self, i: int, columns: Sequence[str]) -> dict[str, Any]:
         raise NotImplementedError
@@ -152,6 +153,7 @@ class _HFBackend(_Backend):
         self.source = source
         self.num_rows = len(self.ds)
         self.column_names = list(self.ds.column_names)
+        self.schema = self.ds.data.schema
         self._views: dict[tuple[str, ...], Any] = {}
 
     def _view(self, columns):
@@ -171,6 +173,7 @@ class _ParquetBackend(_Backend):
     """Streams parquet shards with pyarrow; random access converts once to the `datasets` cache."""
 
     def __init__(self, files: list[Path], source: str, cache_dir: str | None = None):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         self.files, self.source, self.cache_dir = files, source, cache_dir
@@ -188,6 +191,8 @@ class _ParquetBackend(_Backend):
             elif set(file_names) != set(names):
                 raise PairSchemaError(f"{f}: columns {file_names} differ from {files[0]}'s {names}")
         self.column_names = [n for n in (names or []) if not n.startswith("__index_level")]
+        full = pq.read_schema(files[0])
+        self.schema = pa.schema([full.field(n) for n in self.column_names])
         self._random: _HFBackend | None = None
 
     def take(self, i, columns):
@@ -214,6 +219,7 @@ class _TableBackend(_Backend):
         self.table, self.source = table, source
         self.num_rows = table.num_rows
         self.column_names = list(table.column_names)
+        self.schema = table.schema
 
     def take(self, i, columns):
         return self.table.select(list(columns)).slice(int(i), 1).to_pylist()[0]
@@ -308,6 +314,11 @@ class PairTable:
     @property
     def column_names(self) -> list[str]:
         return list(self._b.column_names)
+
+    @property
+    def schema(self):
+        """pyarrow schema of the source's columns (what `data curate` writes back)."""
+        return self._b.schema
 
     @property
     def has_image_bytes(self) -> bool:
