@@ -49,6 +49,7 @@ class BuildConfig:
     ema_decay: float = field(default=0.995, metadata={"help": "EMA decay of the saved U-Net/text-encoder weights"})
     fp16_weights: bool = field(default=True, metadata={"help": "store U-Net and VAE weights in fp16"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: leave torch's default)"})
+    device: str = field(default="cpu", metadata={"help": "torch device (random draws stay on the CPU generator)"})
 
     def validate(self):
         for name in ("pool_size", "vae_batch_size", "unet_batch_size"):
@@ -119,9 +120,9 @@ def train_vae(vae, pixels: torch.Tensor, cfg: BuildConfig, gen: torch.Generator)
     curve, running = [], []
     for step in (bar := tqdm(range(cfg.vae_steps), desc="vae")):
         idx = torch.randint(len(pixels), (cfg.vae_batch_size,), generator=gen)
-        x = pixels[idx]
+        x = pixels[idx.to(pixels.device)]
         posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(x.device)
         recon = vae.decode(z).sample
         mse = F.mse_loss(recon, x)
         loss = mse + 1e-6 * posterior.kl().mean()
@@ -150,8 +151,9 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents, captions, cfg:
                gen: torch.Generator) -> tuple[list[float], dict]:
     """Epsilon-prediction pretraining of U-Net and text encoder; returns (loss curve, EMA state)."""
     prompt_list = sorted(set(captions)) + [""]
+    device = latents.device
     ids = tokenizer(prompt_list, padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids
+                    truncation=True, return_tensors="pt").input_ids.to(device)
     caption_index = torch.tensor([prompt_list.index(c) for c in captions])
     empty = len(prompt_list) - 1
     params = [*unet.parameters(), *text_encoder.parameters()]
@@ -165,13 +167,14 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents, captions, cfg:
     curve, running = [], []
     for step in (bar := tqdm(range(cfg.unet_steps), desc="unet")):
         idx = torch.randint(len(latents), (cfg.unet_batch_size,), generator=gen)
-        x0 = latents[idx]
+        x0 = latents[idx.to(device)]
         which = caption_index[idx].clone()
         which[torch.rand(len(idx), generator=gen) < cfg.prompt_dropout] = empty
-        noise = torch.randn(x0.shape, generator=gen)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
-        x_t = scheduler.add_noise(x0, noise, t)
-        cond = text_encoder(ids[which])[0]
+        x_t = scheduler.add_noise(x0, noise, t).to(device)
+        cond = text_encoder(ids[which.to(device)])[0]
+        t = t.to(device)
         loss = F.mse_loss(unet(x_t, t, cond).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -222,11 +225,13 @@ def build_base(cfg: BuildConfig) -> Path:
     out = Path(cfg.out)
     gen = torch.Generator().manual_seed(cfg.seed)
     comps = build_components(cfg.seed)
+    for name in ("vae", "unet", "text_encoder"):
+        comps[name].to(cfg.device)
     timings = {}
 
     t = time.time()
     pixels_u8, captions = render_pool(cfg.pool_size, cfg.seed)
-    pixels = to_unit(pixels_u8)
+    pixels = to_unit(pixels_u8).to(cfg.device)
     timings["render_s"] = time.time() - t
 
     t = time.time()
@@ -247,14 +252,14 @@ def build_base(cfg: BuildConfig) -> Path:
             comps[module].get_parameter(name).copy_(v)
     timings["unet_s"] = time.time() - t
 
-    pipe = assemble_pipeline(comps)
+    pipe = assemble_pipeline(comps).to("cpu")
     if cfg.fp16_weights:
         pipe.unet.to(torch.float16)
         pipe.vae.to(torch.float16)
     pipe.save_pretrained(out)
     timings["total_s"] = time.time() - t_start
     manifest = dict(kind="ncppo toy base", config=to_dict(cfg), versions=versions(), timings=timings,
-                    threads=torch.get_num_threads(), vae_scaling_factor=scaling,
+                    threads=torch.get_num_threads(), device=cfg.device, vae_scaling_factor=scaling,
                     vae_mse_curve_every_50=vae_curve, unet_loss_curve_every_50=unet_curve,
                     flaw_rates=world.PRETRAIN_FLAW_RATES, prompts=world.all_prompts(),
                     params={n: sum(p.numel() for p in comps[n].parameters()) for n in ("unet", "vae", "text_encoder")})
