@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,7 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
     "dpm++-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "unipc": ("UniPCMultistepScheduler", {}),
 }
+LORA_ADAPTER = "ncppo_sample_lora"  # not "eval": adapter names become module attributes
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -178,20 +180,24 @@ def load_pipeline(model: str, *, lora: str | None = None, lora_scale: float = 1.
             unet_dir = unet_dir / "unet"
         if not (unet_dir / "config.json").is_file():
             raise FileNotFoundError(f"--unet {unet}: no U-Net config.json there or in its unet/ subfolder")
-        kwargs["unet"] = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype)
-    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, revision=revision, variant=variant, **kwargs)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            kwargs["unet"] = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype)
+    with warnings.catch_warnings():  # diffusers >= 0.36 renamed torch_dtype to dtype; older ones know only torch_dtype
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, revision=revision, variant=variant, **kwargs)
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None  # evaluation scores the raw samples; a blacked-out image is not a sample
     if lora:
         lora_path = Path(lora)
         if lora_path.is_file():
-            pipe.load_lora_weights(str(lora_path.parent), weight_name=lora_path.name, adapter_name="eval")
+            pipe.load_lora_weights(str(lora_path.parent), weight_name=lora_path.name, adapter_name=LORA_ADAPTER)
         elif lora_path.is_dir():
-            pipe.load_lora_weights(str(lora_path), adapter_name="eval")
+            pipe.load_lora_weights(str(lora_path), adapter_name=LORA_ADAPTER)
         else:
-            pipe.load_lora_weights(lora, adapter_name="eval")  # a hub id
+            pipe.load_lora_weights(lora, adapter_name=LORA_ADAPTER)  # a hub id
         if lora_scale != 1.0:
-            pipe.set_adapters(["eval"], adapter_weights=[lora_scale])
+            pipe.set_adapters([LORA_ADAPTER], adapter_weights=[lora_scale])
     set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -258,6 +264,8 @@ class SampleConfig:
     width: int | None = field(default=None, metadata={"help": "image width; none = the model's default"})
     batch_size: int = field(default=4, metadata={"help": "images per pipeline call, per process"})
     dtype: str = field(default="float32", metadata={"help": "weights dtype", "choices": list(DTYPES)})
+    device: str = field(default="auto", metadata={
+        "help": "auto = each process's accelerator (GPU) when there is one, else cpu", "choices": ["auto", "cpu"]})
 
     def validate(self) -> None:
         if not self.seeds:
@@ -330,7 +338,9 @@ def run_sample(config: SampleConfig) -> Path:
 
     from .report import write_manifest
 
-    state = PartialState()
+    # on a machine without GPUs, cpu=True is what makes accelerate set up gloo for several processes
+    cpu = config.device == "cpu" or not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    state = PartialState(cpu=cpu)
     out = Path(config.out)
     prompts = read_prompts(config.prompts, column=config.prompt_column, split=config.prompt_split,
                            unique=config.unique_prompts, limit=config.max_prompts)

@@ -64,7 +64,9 @@ def _bootstrap(values: np.ndarray, *, n_resamples: int, confidence: float, seed:
     n = sums.size
     rng = np.random.default_rng(seed)
     stats = np.empty(n_resamples)
-    rows = max(1, _CHUNK // n)
+    # an even number of rows per chunk keeps the draws equal to one rng.integers(..., (n_resamples, n))
+    # call: numpy fills 32-bit bounded draws in pairs and drops an odd leftover at the end of a call
+    rows = max(2, (_CHUNK // n) // 2 * 2)
     for start in range(0, n_resamples, rows):
         k = min(rows, n_resamples - start)
         idx = rng.integers(0, n, size=(k, n))
