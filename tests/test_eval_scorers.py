@@ -269,3 +269,38 @@ def test_toy_judge_through_registry():
     scores = scorer.score(images, prompts)
     assert scores.shape == (3,)
     torch.testing.assert_close(score_in_batches(scorer, images, prompts, 1), scores.float().cpu())
+
+
+def test_score_command_writes_and_merges_columns(tiny_clip_dir, tmp_path):
+    import csv
+    import json
+
+    from ncppo.cli import main
+    from ncppo.evaluate.score import read_scores
+
+    folder = tmp_path / "samples"
+    (folder / "images").mkdir(parents=True)
+    images = _images(3)
+    with open(folder / "index.jsonl", "w") as fh:
+        for i, (im, p) in enumerate(zip(images, PROMPTS)):
+            im.save(folder / f"images/{i:05d}_0.png")
+            fh.write(json.dumps(dict(prompt=p, prompt_index=i, seed=0, file=f"images/{i:05d}_0.png")) + "\n")
+    clip = str(tiny_clip_dir)
+    assert main(["score", str(folder), "--scorer", "clip,pickscore", "--scorer-path", f"{clip},{clip}",
+                 "--batch-size", "2"]) == 0
+    rows = read_scores(folder)
+    direct = get_scorer("pickscore", clip).score(images, PROMPTS[:3])
+    np.testing.assert_allclose([r["pickscore"] for r in rows], direct.numpy(), rtol=1e-5)
+    assert [r["prompt"] for r in rows] == PROMPTS[:3]
+    # a second run adds a column and keeps the first ones
+    torch.save({"weight": torch.ones(1, 16), "bias": torch.zeros(1)}, tmp_path / "head.pth")
+    assert main(["score", str(folder), "--scorer", "aesthetic", "--scorer-path", str(tmp_path / "head.pth"),
+                 "--scorer-option", f"clip_model={clip}"]) == 0
+    rows2 = read_scores(folder)
+    assert [r["pickscore"] for r in rows2] == [r["pickscore"] for r in rows]
+    assert all(isinstance(r["aesthetic"], float) for r in rows2)
+    with open(folder / "scores.csv") as fh:
+        header = next(csv.reader(fh))
+    assert header == ["prompt_index", "seed", "prompt", "file", "aesthetic", "clip", "pickscore"]
+    manifest = json.loads((folder / "score_manifest.json").read_text())
+    assert set(manifest["runs"]) == {"clip", "pickscore", "aesthetic"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,7 +123,11 @@ def run_score(config: ScoreConfig) -> dict[str, float]:
         means[scorer.name] = float(scores.mean())
         del scorer
     write_scores(folder, rows)
-    write_manifest(folder / MANIFEST_FILE, config, extra={"means": means, "num_images": len(rows)})
+    manifest = folder / MANIFEST_FILE
+    runs = json.loads(manifest.read_text()).get("runs", {}) if manifest.is_file() else {}
+    for name in means:  # one entry per score column, kept across runs that add other columns
+        runs[name] = {"config": dataclasses.asdict(config), "mean": means[name], "num_images": len(rows)}
+    write_manifest(manifest, config, extra={"runs": runs})
     return means
 
 
