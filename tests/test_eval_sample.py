@@ -167,6 +167,8 @@ def test_prompt_sources(tmp_path):
     assert read_prompts(tmp_path / "p.csv", unique=True) == ["a cat", "a dog"]
     (tmp_path / "p.jsonl").write_text('{"prompt": "a tree"}\n\n{"prompt": "a car"}\n')
     assert read_prompts(tmp_path / "p.jsonl", limit=1) == ["a tree"]
+    (tmp_path / "parti.tsv").write_text("Prompt\tCategory\nbread, a cat\tFood\n")  # PartiPrompts.tsv layout
+    assert read_prompts(tmp_path / "parti.tsv") == ["bread, a cat"]
     (tmp_path / "hps.json").write_text('["a house", "a dog"]')
     assert read_prompts(tmp_path / "hps.json") == ["a house", "a dog"]
     datasets.Dataset.from_dict({"Prompt": ["x y", "z"], "Category": ["a", "b"]}).save_to_disk(tmp_path / "ds")

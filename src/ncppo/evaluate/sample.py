@@ -65,7 +65,7 @@ def _check_prompt(value, source, row) -> str:
 
 def read_prompts(source: str | Path, *, column: str | None = None, split: str = "train",
                  unique: bool = False, limit: int | None = None) -> list[str]:
-    """Prompts from a .txt (one a line, blank lines skipped), .csv / .jsonl / .json / .parquet column,
+    """Prompts from a .txt (one a line, blank lines skipped), .csv / .tsv / .jsonl / .json / .parquet column,
     a `datasets` `save_to_disk` folder or a `datasets` hub id (`split`, `column`).
 
     A .json file may be a list of strings (the HPSv2 benchmark files) or of objects. The column
@@ -76,9 +76,9 @@ def read_prompts(source: str | Path, *, column: str | None = None, split: str = 
     suffix = path.suffix.lower()
     if path.is_file() and suffix == ".txt":
         prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    elif path.is_file() and suffix == ".csv":
+    elif path.is_file() and suffix in (".csv", ".tsv"):
         with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
+            reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
             col = _pick_column(reader.fieldnames or [], column, path)
             prompts = [_check_prompt(row.get(col), path, i + 2) for i, row in enumerate(reader)]  # +2: header, 1-based
     elif path.is_file() and suffix in (".jsonl", ".json"):
@@ -90,7 +90,7 @@ def read_prompts(source: str | Path, *, column: str | None = None, split: str = 
         col = _pick_column(table.column_names, column, path)
         prompts = [_check_prompt(v, path, i) for i, v in enumerate(table.column(col).to_pylist())]
     elif path.is_file():
-        raise PromptSourceError(f"{path}: unsupported prompt file type {suffix!r} (.txt, .csv, .jsonl, .json, .parquet)")
+        raise PromptSourceError(f"{path}: unsupported prompt file type {suffix!r} (.txt, .csv, .tsv, .jsonl, .json, .parquet)")
     else:
         prompts = _read_dataset_prompts(str(source), column, split)
     if unique:
@@ -241,7 +241,7 @@ def sample_images(pipeline, prompts: list[str], seeds, *, steps: int, guidance: 
 @dataclass
 class SampleConfig:
     model: str = field(metadata={"help": "base model: a diffusers folder or hub id (SD1.x/2.x or SDXL)"})
-    prompts: str = field(metadata={"help": "prompt source: .txt (one a line), .csv/.jsonl/.json/.parquet column, "
+    prompts: str = field(metadata={"help": "prompt source: .txt (one a line), .csv/.tsv/.jsonl/.json/.parquet column, "
                                            "datasets save_to_disk folder or datasets hub id"})
     out: str = field(metadata={"help": "output folder (images/, index.jsonl, sample_manifest.json)"})
     lora: str | None = field(default=None, metadata={"help": "LoRA weights file or folder (pipe.load_lora_weights)"})
