@@ -100,10 +100,10 @@ def test_nonfinite_losses_skip_steps_then_stop_with_checkpoint(tiny_sd_path, pai
     monkeypatch.setattr(loop, "preference_step", poisoned)
     result = train(make_config(tiny_sd_path, pairs_parquet, tmp_path / "nan", max_steps=10, max_nonfinite=3))
     assert result.stopped_early and "non-finite" in result.stopped_early
-    assert result.steps == 0
+    assert result.steps == 3  # three steps attempted, none applied
     manifest = json.loads((tmp_path / "nan" / "manifest.json").read_text())
     assert manifest["nonfinite_skipped"] == 3
-    assert (tmp_path / "nan" / "checkpoint-0" / "trainer_state.json").is_file()
+    assert (tmp_path / "nan" / "checkpoint-3" / "trainer_state.json").is_file()
     lora = load_file(result.weights_path)
     assert all(lora[k].abs().max() == 0 for k in lora if "lora_B" in k or "lora.up" in k)  # never stepped
 

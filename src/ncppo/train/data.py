@@ -30,9 +30,11 @@ class EpochSampler(Sampler[int]):
 
 def build_dataset(config, adapter=None):
     """The dataset `config.data` names: a latent cache, or pair rows read through `open_pairs`."""
-    from ..data.cache import LatentCacheDataset, is_latent_cache
+    import importlib.util
 
-    if is_latent_cache(config.data):
+    if importlib.util.find_spec("ncppo.data.cache") and _is_cache(config.data):
+        from ..data.cache import LatentCacheDataset
+
         return LatentCacheDataset(config.data, hflip=config.hflip, keep_ties=config.keep_ties, seed=config.seed)
     from ..data.dataset import PreferenceDataset
     from ..data.pairs import open_pairs
@@ -40,6 +42,12 @@ def build_dataset(config, adapter=None):
     table = open_pairs(config.data, split=config.split, image_dir=config.image_dir)
     return PreferenceDataset(table, config.resolution, crop=config.crop, hflip=config.hflip,
                              keep_ties=config.keep_ties, seed=config.seed)
+
+
+def _is_cache(path):
+    from ..data.cache import is_latent_cache
+
+    return is_latent_cache(path)
 
 
 def build_dataloader(config, adapter=None):

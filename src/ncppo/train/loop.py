@@ -56,6 +56,7 @@ def train(config: TrainConfig) -> TrainResult:
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     set_seed(config.seed)
+    out.mkdir(parents=True, exist_ok=True)
     rank, world = accelerator.process_index, accelerator.num_processes
 
     # 2. Model: frozen components in the mixed-precision dtype; trainable weights stay fp32.
@@ -89,7 +90,7 @@ def train(config: TrainConfig) -> TrainResult:
         reference.unet = accelerator.unwrap_model(unet)
 
     # 5. Resume: weights, optimizer, schedule and RNG from the checkpoint; data position from the step.
-    state = {"step": 0, "nonfinite_skipped": 0, "skipped_rows": [], "eval_history": []}
+    state = {"step": 0, "micro_steps": 0, "nonfinite_skipped": 0, "skipped_rows": [], "eval_history": []}
     resume_from = ckpt.resolve_resume(out, config.resume)
     if resume_from is not None:
         state.update(ckpt.load_checkpoint(accelerator, resume_from))
@@ -108,21 +109,22 @@ def train(config: TrainConfig) -> TrainResult:
     micro_per_epoch = len(dataloader)
     if micro_per_epoch == 0:
         raise ValueError(f"--data {config.data}: no usable pairs for batch size {config.batch_size} x {world} processes")
-    micro_done = state["step"] * config.gradient_accumulation_steps
-    epoch, skip = divmod(micro_done, micro_per_epoch)
+    epoch, skip = divmod(state["micro_steps"], micro_per_epoch)
     window, consecutive_bad, stopped = _MetricWindow(), 0, None
     progress = tqdm(total=config.max_steps, initial=state["step"], desc="train", unit="step",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     step_started = time.perf_counter()
     unet.train()
     while state["step"] < config.max_steps and stopped is None:
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
         batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
         skip = 0
+        # accelerate's loaders re-set the sampler's epoch from their own iteration count when
+        # iterated; a loader made for a resumed epoch starts that count at 0, so set it here.
+        for obj in (batches, sampler, dataset):
+            obj.set_epoch(epoch)
         for batch in batches:
             state["skipped_rows"].extend(batch.get("skipped", []))
-            generator = _step_generator(config.seed, state["step"], micro_done, rank, accelerator.device)
+            generator = _step_generator(config.seed, state["micro_steps"], rank, accelerator.device)
             with accelerator.accumulate(unet), accelerator.autocast():
                 out_step = preference_step(adapter, unet, reference, batch, objective=config.objective,
                                            space=config.space, beta=config.beta, cpo_lambda=config.cpo_lambda,
@@ -140,20 +142,16 @@ def train(config: TrainConfig) -> TrainResult:
                         optimizer.step()
                         lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-            micro_done += 1
-            if not (loss_ok and grad_ok):
+            state["micro_steps"] += 1
+            if loss_ok and grad_ok:
+                consecutive_bad = 0
+            else:  # this micro-batch did not contribute; the step goes on without it
                 state["nonfinite_skipped"] += 1
                 consecutive_bad += 1
-                if consecutive_bad >= config.max_nonfinite:
-                    stopped = (f"{consecutive_bad} consecutive non-finite losses/gradients at step {state['step']}: "
-                               "lower --learning-rate or --beta, or use --mixed-precision bf16/no instead of fp16")
-                    break
-            else:
-                consecutive_bad = 0
             if not accelerator.sync_gradients:
                 continue
 
-            # One optimizer step done.
+            # One optimizer step done (or skipped whole, if its gradients were not finite).
             state["step"] += 1
             step = state["step"]
             progress.update(1)
@@ -169,6 +167,10 @@ def train(config: TrainConfig) -> TrainResult:
             evaluation.maybe_run(accelerator.unwrap_model(unet), step)
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 ckpt.save_checkpoint(accelerator, out, step, state, config.checkpoints_total_limit)
+            if consecutive_bad >= config.max_nonfinite:
+                stopped = (f"{consecutive_bad} consecutive non-finite losses/gradients up to step {step}: "
+                           "lower --learning-rate or --beta, or use --mixed-precision bf16/no instead of fp16")
+                break
             if step >= config.max_steps:
                 break
         epoch += 1
@@ -236,7 +238,7 @@ def _optimizer(config: TrainConfig, params, lr):
     return torch.optim.AdamW(params, **kwargs)
 
 
-def _step_generator(seed: int, step: int, micro: int, rank: int, device) -> torch.Generator:
+def _step_generator(seed: int, micro: int, rank: int, device) -> torch.Generator:
     """The generator of one micro-step: a pure function of (seed, micro-step, process)."""
     g = torch.Generator(device=device)
     g.manual_seed((seed * 1_000_003 + micro * 1_009 + rank) % (2**63 - 1))
