@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,8 @@ def train(config: TrainConfig) -> TrainResult:
 
     # 1. Processes, precision, trackers.
     accelerator = Accelerator(
+        # Several processes without a GPU (torchrun/mpirun on CPUs) need cpu=True for gloo.
+        cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with=None if config.report_to == "none" else config.report_to,
