@@ -120,13 +120,18 @@ _STACKED = ("pixel_values", "latents", "latents_flipped", "original_sizes", "cro
 
 def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack items: pixel_values (B,2,3,R,R) or latents (B,2,C,h,w), captions, labels (B,),
-    original_sizes (B,2,2), crops_top_left (B,2,2), rows, skipped (all items' bad rows)."""
+    original_sizes (B,2,2), crops_top_left (B,2,2), rows, skipped (all items' bad rows); with cached
+    text embeddings also `conditioning` (a models.Conditioning)."""
     if not items:
         raise ValueError("collate_pairs: empty batch")
     batch: dict[str, Any] = {}
     for key in _STACKED:
         if key in items[0]:
             batch[key] = torch.stack([it[key] for it in items])
+    if "encoder_hidden_states" in batch:  # cached text embeddings: the trainer skips the text encoders
+        from ..models.base import Conditioning
+
+        batch["conditioning"] = Conditioning(batch["encoder_hidden_states"], batch.get("pooled_prompt_embeds"))
     batch["captions"] = [it["caption"] for it in items]
     batch["labels"] = torch.tensor([float(it.get("label", 1.0)) for it in items], dtype=torch.float32)
     batch["rows"] = [it["row"] for it in items]

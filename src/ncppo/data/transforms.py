@@ -20,11 +20,25 @@ class Placement:
     crop_top_left: tuple[int, int]  # (top, left) in the resized (and, if flipped, mirrored) image
 
 
+def resized_hw(original_hw: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """(h, w) after resizing the shorter side of an (h, w) image to `resolution`."""
+    h, w = original_hw
+    scale = resolution / min(w, h)
+    return max(resolution, round(h * scale)), max(resolution, round(w * scale))
+
+
+def mirrored_crop(placement: Placement, resolution: int) -> tuple[int, int]:
+    """(top, left) of the same crop seen in the horizontally flipped image."""
+    _, w = resized_hw(placement.original_size, resolution)
+    top, left = placement.crop_top_left
+    return top, w - left - resolution
+
+
 def resize_shorter_side(img: Image.Image, resolution: int) -> Image.Image:
     """Resize so that the shorter side is exactly `resolution` (bicubic, antialiased by PIL)."""
     w, h = img.size
-    scale = resolution / min(w, h)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    rh, rw = resized_hw((h, w), resolution)
+    size = (rw, rh)
     if size == (w, h):
         return img
     return img.resize(size, Image.BICUBIC)
