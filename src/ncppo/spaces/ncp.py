@@ -203,7 +203,7 @@ def _without_block_checkpointing(unet):
             m.gradient_checkpointing = True
 
 
-def _twice(x: torch.Tensor, copies: int = 2) -> torch.Tensor:
+def _repeat_batch(x: torch.Tensor, copies: int = 2) -> torch.Tensor:
     """``copies`` copies of x along the batch: a pair's draw for winners and losers, or conditioning."""
     return torch.cat([x] * copies)
 
@@ -251,14 +251,14 @@ def ncp_errors(
     device = generator.device if generator is not None else x_t.device
     if config.timestep_mode == "t-1":
         if variance_noise is None:
-            variance_noise = _twice(torch.randn((n // 2, *x_t.shape[1:]), generator=generator, device=device))
+            variance_noise = _repeat_batch(torch.randn((n // 2, *x_t.shape[1:]), generator=generator, device=device))
         if variance_noise.shape != x_t.shape:
             raise ValueError(f"variance_noise shape {tuple(variance_noise.shape)} != x_t shape {tuple(x_t.shape)}")
         variance_noise = variance_noise.to(x_t.device)
     if config.timestep_mode == "uniform":
         if t_prime is None:
             T = scheduler.config.num_train_timesteps
-            t_prime = _twice(torch.randint(0, T, (n // 2,), generator=generator, device=device))
+            t_prime = _repeat_batch(torch.randint(0, T, (n // 2,), generator=generator, device=device))
         if t_prime.shape != (n,):
             raise ValueError(f"t_prime must have shape ({n},), got {tuple(t_prime.shape)}")
         t_prime = t_prime.to(x_t.device)
@@ -272,10 +272,9 @@ def ncp_errors(
     added = added_cond_kwargs or {}
 
     def features(x, copies=1):  # the encoder at t', conditioned like the batch (repeated `copies` times)
-        added_copies = {k: _twice(v, copies) for k, v in added.items()}
-        return encoder_features(
-            encoder, x, _twice(t_prime, copies), _twice(encoder_hidden_states, copies), added_copies, config.layers
-        )
+        cond = _repeat_batch(encoder_hidden_states, copies)
+        added_cond = {k: _repeat_batch(v, copies) for k, v in added.items()}
+        return encoder_features(encoder, x, _repeat_batch(t_prime, copies), cond, added_cond, config.layers)
 
     # reference and target: one batched call, no autograd
     with context(), torch.no_grad():
