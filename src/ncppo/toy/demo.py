@@ -21,7 +21,7 @@ from .base import SHIPPED_BASE
 
 SPACES = ("latent", "ncp")
 # Chosen by `ncppo toy tune` (grid and scores in assets/tune.json, shown in every report).
-TUNED = {"latent": {"beta": 500.0, "lr": 1e-3}, "ncp": {"beta": 1e5, "lr": 1e-3}}
+TUNED = {"latent": {"beta": 100.0, "lr": 1e-3}, "ncp": {"beta": 1e6, "lr": 1e-3}}
 TUNE_RECORD = Path(__file__).parent / "assets" / "tune.json"
 
 
@@ -91,10 +91,12 @@ def write_prompts(path: Path, prompts: list[str]) -> str:
 
 
 def sample_and_score(model: str, lora: str | None, prompts: list[str], seeds: list[int], cfg) -> tuple[list, np.ndarray]:
+    import torch
+
     from ..evaluate.sample import load_pipeline, sample_images
     from .judge import ToyJudge
 
-    pipe = load_pipeline(model, lora=lora)
+    pipe = load_pipeline(model, lora=lora, device="cuda" if torch.cuda.is_available() else "cpu")
     images = sample_images(pipe, prompts, seeds, steps=cfg.sample_steps, guidance=cfg.guidance,
                            height=world.RESOLUTION, width=world.RESOLUTION, batch_size=32, progress=True)
     return images, ToyJudge().score(images, prompts).numpy()
