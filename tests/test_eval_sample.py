@@ -73,7 +73,7 @@ def test_sample_cli_writes_index_and_manifest(sampled):
     assert rows[0]["settings"]["steps"] == 2 and rows[0]["settings"]["guidance"] == 5.0
     manifest = json.loads((sampled / "sample_manifest.json").read_text())
     assert manifest["config"]["seeds"] == [0, 1] and manifest["generated"] == 6
-    assert manifest["versions"]["diffusers"]
+    assert manifest["environment"]["packages"]["diffusers"]
 
 
 def test_two_processes_batch_3_match_one_process_batch_1(sampled, tiny_sd_path, prompts_txt, tmp_path):

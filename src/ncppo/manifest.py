@@ -12,7 +12,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-PACKAGES = ("ncppo", "torch", "diffusers", "transformers", "peft", "accelerate", "datasets", "safetensors", "numpy")
+PACKAGES = ("ncppo", "torch", "diffusers", "transformers", "peft", "accelerate", "datasets", "safetensors", "numpy",
+            "pillow", "open_clip_torch", "image-reward")
 
 
 def package_versions(names=PACKAGES) -> dict[str, str | None]:

@@ -151,7 +151,8 @@ def write_grid(config: CompareConfig, result: dict) -> Path:
 
 def run_compare(config: CompareConfig) -> dict:
     """Compare, print the markdown table, write compare.json and compare.md (and the grid)."""
-    from .report import markdown_table, package_versions
+    from ..manifest import package_versions
+    from .report import markdown_table
 
     result = compare_folders(config)
     table = markdown_table(result["metrics"], result["label_a"], result["label_b"])

@@ -1,46 +1,9 @@
-"""What evaluation runs leave behind: run manifests, markdown tables and side-by-side grids."""
+"""What evaluation runs leave behind besides scores: markdown tables and side-by-side grids."""
 
 from __future__ import annotations
 
-import dataclasses
 import html
-import json
-import platform
-import sys
-import time
-from importlib import metadata
 from pathlib import Path
-
-PACKAGES = ("ncppo", "torch", "diffusers", "transformers", "accelerate", "peft", "numpy", "pillow", "datasets",
-            "open_clip_torch", "image-reward")
-
-
-def package_versions() -> dict[str, str | None]:
-    """Installed versions of the packages that decide evaluation results (None when absent)."""
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def write_manifest(path: str | Path, config=None, extra: dict | None = None) -> Path:
-    """Write a JSON run manifest: the resolved config, package versions, python, time and `extra`."""
-    path = Path(path)
-    data = {
-        "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config,
-        "versions": package_versions(),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "command": sys.argv,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        **(extra or {}),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    return path
 
 
 def _fmt(x: float) -> str:

@@ -336,7 +336,7 @@ def run_sample(config: SampleConfig) -> Path:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from .report import write_manifest
+    from ..manifest import write_manifest
 
     # on a machine without GPUs, cpu=True is what makes accelerate set up gloo for several processes
     cpu = config.device == "cpu" or not (torch.cuda.is_available() or torch.backends.mps.is_available())
@@ -379,7 +379,7 @@ def run_sample(config: SampleConfig) -> Path:
                      settings=settings) for i, s in items]
         with open(out / INDEX_FILE, "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)
-        write_manifest(out / MANIFEST_FILE, config, extra=dict(
+        write_manifest(out / MANIFEST_FILE, command="sample", config=config, **dict(
             settings=settings, num_prompts=len(prompts), num_images=len(items), generated=len(todo),
             num_processes=state.num_processes))
     state.wait_for_everyone()

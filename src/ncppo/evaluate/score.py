@@ -94,7 +94,7 @@ def write_scores(folder: Path, rows: list[dict]) -> None:
 def run_score(config: ScoreConfig) -> dict[str, float]:
     """Score every image of `config.dir` with each scorer (loaded once, run in batches) and merge the
     columns into scores.jsonl / scores.csv. Returns {scorer: mean score}."""
-    from .report import write_manifest
+    from ..manifest import write_manifest
 
     folder = Path(config.dir)
     index = read_index(folder)
@@ -127,7 +127,7 @@ def run_score(config: ScoreConfig) -> dict[str, float]:
     runs = json.loads(manifest.read_text()).get("runs", {}) if manifest.is_file() else {}
     for name in means:  # one entry per score column, kept across runs that add other columns
         runs[name] = {"config": dataclasses.asdict(config), "mean": means[name], "num_images": len(rows)}
-    write_manifest(manifest, config, extra={"runs": runs})
+    write_manifest(manifest, command="score", config=config, runs=runs)
     return means
 
 
