@@ -24,7 +24,6 @@ def make_config(model, data, out, **overrides) -> TrainConfig:
 @pytest.mark.parametrize("objective", ["dpo", "cpo", "sft", "ipo", "hinge", "orpo"])
 @pytest.mark.parametrize("space", ["latent", "ncp"])
 def test_each_objective_and_space_trains_and_moves_lora(tiny_sd_path, pairs_parquet, tmp_path, objective, space):
-    from ncppo.models import load_model
 
     result = train(make_config(tiny_sd_path, pairs_parquet, tmp_path / "run", objective=objective, space=space,
                                beta=2500.0 if space == "latent" else 1e5, cpo_lambda=0.5))
