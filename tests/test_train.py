@@ -158,3 +158,23 @@ def test_yaml_config_with_cli_override(tmp_path, monkeypatch):
     assert (config.beta, config.lora_rank, config.hflip, config.model) == (7.0, 8, True, "m")
     (tmp_path / "bad.yaml").write_text("model: m\ndata: d\noutput_dir: o\nbeta_typo: 1\n")
     assert main(["train", "--config", str(tmp_path / "bad.yaml")]) == 2
+
+
+def test_validation_images_and_eval_hook_logged(tiny_sd_path, pairs_parquet, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on a white background\na blue square on a black background\n")
+    out = tmp_path / "run"
+    result = train(make_config(tiny_sd_path, pairs_parquet, out, max_steps=2, space="latent", report_to="tensorboard",
+                               validation_prompts=["a red circle", "a blue square"], validation_every=1,
+                               eval_every=2, eval_prompts=str(prompts), eval_scorer="toy-judge", eval_seeds=[0, 1],
+                               sample_steps=2))
+    steps = [h["step"] for h in result.eval_history]
+    assert steps == [0, 2]
+    assert len(result.eval_history[0]["scores"]) == 4  # 2 prompts x 2 seeds
+    assert 0.0 <= result.eval_history[1]["win_rate_vs_step0"] <= 1.0
+    low, high = result.eval_history[1]["win_rate_ci"]
+    assert low <= result.eval_history[1]["win_rate_vs_step0"] <= high
+    assert sorted(p.name for p in (out / "validation").glob("*.png")) == ["step-0000001.png", "step-0000002.png"]
+    assert list((out / "logs").rglob("events.out.tfevents*")), "no TensorBoard event file"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [h["step"] for h in manifest["eval_history"]] == [0, 2]

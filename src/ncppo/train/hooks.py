@@ -56,12 +56,15 @@ class _Hook:
 class ValidationHook(_Hook):
     """Every `validation_every` steps (and at the end): one image per validation prompt."""
 
+    last_step: int | None = None
+
     def maybe_run(self, unet, step: int, final: bool = False) -> Path | None:
         c = self.config
-        if not c.validation_prompts or not self.accelerator.is_main_process:
+        if not c.validation_prompts or not self.accelerator.is_main_process or step == self.last_step:
             return None
         if not final and not (c.validation_every and step % c.validation_every == 0):
             return None
+        self.last_step = step
         images = self._images(unet, list(c.validation_prompts), c.validation_seed)
         grid = image_grid(images, columns=min(4, len(images)))
         path = self.out / "validation" / f"step-{step:07d}.png"
