@@ -1,0 +1,63 @@
+"""The demo's pieces by hand, and `ncppo demo --quick` end to end (slow)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from ncppo.toy import world
+from ncppo.toy.demo import DemoConfig, compare, steps_to_reach
+from ncppo.toy.figures import curve_plot, sample_grid
+
+
+def test_steps_to_reach_and_resolved_defaults():
+    hist = [{"step": 0, "mean_score": 7.0}, {"step": 25, "mean_score": 5.0}, {"step": 50, "mean_score": 6.1}]
+    assert steps_to_reach(hist, 6.0) == 50  # step 0 never counts
+    assert steps_to_reach(hist, 6.2) is None
+    q = DemoConfig(quick=True).resolved()
+    assert (q["steps"], q["pairs"], q["eval_seeds"], q["curve_seeds"], q["eval_every"]) == (20, 200, 4, 1, 10)
+    d = DemoConfig(steps=40).resolved()
+    assert (d["steps"], d["eval_every"], d["pairs"]) == (40, 5, 2000)
+
+
+def test_compare_by_hand():
+    scores = {"base": np.array([1.0, 2.0, 3.0, 4.0]), "latent": np.array([2.0, 2.0, 1.0, 5.0]),
+              "ncp": np.array([2.0, 3.0, 4.0, 3.0])}
+    r = compare(scores, n_resamples=200, seed=0)
+    assert r["base"]["mean_score"] == 2.5 and r["latent"]["mean_score"] == 2.5
+    assert r["latent"]["win_rate_vs_base"] == (1 + 0.5 + 0 + 1) / 4
+    assert r["ncp"]["win_rate_vs_base"] == 3 / 4
+    assert r["ncp_vs_latent"]["win_rate"] == (0.5 + 1 + 1 + 0) / 4
+    lo, hi = r["ncp"]["win_rate_vs_base_ci95"]
+    assert 0 <= lo <= 0.75 <= hi <= 1
+
+
+def test_figures_have_the_expected_geometry():
+    img = world.render_prompt("a red circle on a white background", 0)
+    grid = sample_grid({"a": [img] * 3, "b": [img] * 3}, ["a", "b"], scale=2)
+    assert grid.size == (80 + 3 * 66, 2 * 66)
+    plot = curve_plot({"latent": [{"step": 0, "mean_score": 5.0}, {"step": 10, "mean_score": 6.0}],
+                       "ncp": [{"step": 0, "mean_score": 5.0}, {"step": 10, "mean_score": 6.5}]}, 6.0)
+    assert plot.size == (560, 360)
+    px = np.asarray(plot)
+    assert (np.all(px == (30, 90, 200), axis=2)).sum() > 50  # the NCP line is drawn
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path):
+    from ncppo.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--bootstrap", "500"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 20 and results["eval"]["images"] == 6 * 4
+    for key in ("latent", "ncp"):
+        assert 0.0 <= results[key]["win_rate_vs_base"] <= 1.0
+        lo, hi = results[key]["win_rate_vs_base_ci95"]
+        assert lo <= results[key]["win_rate_vs_base"] <= hi
+        assert [h["step"] for h in results["curves"][key]] == [0, 10, 20]
+    assert results["settings"]["ncp"]["beta"] == DemoConfig().ncp_beta
+    for name in ("report.md", "judge_over_steps.png", "samples.png", "manifest.json"):
+        assert (out / name).is_file()
+    report = (out / "report.md").read_text()
+    assert "NCP-DPO" in report and "(chosen)" in report
