@@ -136,3 +136,31 @@ def test_cli_cache(tiny_sd_path, pairs_parquet, tmp_path):
     assert args.func(args) == 0
     ds = LatentCacheDataset(tmp_path / "c")
     assert len(ds) == 3 and ds[0]["latents"].dtype == torch.float32 and ds.info["dtype"] == "float16"
+
+
+@pytest.mark.slow
+def test_two_processes_each_encode_a_slice_and_match_one_process(tiny_sd_path, pairs_parquet, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    args = ["-m", "ncppo", "data", "cache", str(pairs_parquet), "--model", str(tiny_sd_path), "--resolution", "16",
+            "--shard-pairs", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port)]
+    proc = subprocess.run(cmd + args + ["--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cache_latents(pairs_parquet, str(tiny_sd_path), tmp_path / "one", resolution=16, progress=False)
+    one, two = LatentCacheDataset(tmp_path / "one"), LatentCacheDataset(tmp_path / "two")
+    assert two.info["processes"] == 2 and len(one) == len(two) == 5
+    assert {p.name[:10] for p in (tmp_path / "two").glob("shard-*")} == {"shard-p000", "shard-p001"}
+    for i in range(5):
+        assert one[i]["row"] == two[i]["row"]
+        assert torch.allclose(one[i]["latents"], two[i]["latents"], atol=1e-6, rtol=0)

@@ -103,7 +103,11 @@ def cache_latents(source, model, out, *, resolution: int = 512, split: str = "tr
     from accelerate import PartialState
     from safetensors.torch import save_file
 
-    state = PartialState()
+    from accelerate.utils import parse_flag_from_env
+
+    # PartialState, unlike Accelerator, does not read ACCELERATE_USE_CPU: without cpu=True, CPU processes
+    # started by torchrun would each think they are alone
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
     out = Path(out)
     if state.is_main_process:
         if out.exists() and any(out.iterdir()):
