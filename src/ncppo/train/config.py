@@ -36,6 +36,7 @@ class TrainConfig:
     beta: float = _f(2500.0, "Preference temperature, ncppo convention: logits = beta * (d_ref - d_theta). "
                              "Official Diffusion-DPO beta_dpo=5000 equals 2500 here (see README).")
     cpo_lambda: float = _f(0.0, "CPO: weight of the winner-error (SFT) term of eq. 19; 0 drops it.")
+    orpo_lambda: float = _f(0.1, "ORPO: weight of the odds-ratio term beside the winner's error.")
     timestep_mode: str = _f("t-1", "NCP: where the encoder looks: t-1 (one DDPM posterior step), uniform "
                                    "(x0-hat re-noised at a fresh t'), same (re-noised at t).",
                             choices=("t-1", "uniform", "same"))
@@ -117,8 +118,9 @@ class TrainConfig:
             raise ConfigError(f"--learning-rate must be > 0, got {self.learning_rate}")
         if not self.beta > 0:
             raise ConfigError(f"--beta must be > 0, got {self.beta}")
-        if self.cpo_lambda < 0:
-            raise ConfigError(f"--cpo-lambda must be >= 0, got {self.cpo_lambda}")
+        for name in ("cpo_lambda", "orpo_lambda"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.max_grad_norm < 0:
             raise ConfigError(f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
         if self.eval_every and not (self.eval_prompts and self.eval_scorer):

@@ -131,6 +131,7 @@ def train(config: TrainConfig) -> TrainResult:
             with accelerator.accumulate(unet), accelerator.autocast():
                 out_step = preference_step(adapter, unet, reference, batch, objective=config.objective,
                                            space=config.space, beta=config.beta, cpo_lambda=config.cpo_lambda,
+                                           orpo_lambda=config.orpo_lambda,
                                            ncp=ncp, generator=generator, resolution=config.resolution)
                 loss_ok = _all_processes(accelerator, bool(torch.isfinite(out_step.loss)))
                 if loss_ok:

@@ -50,7 +50,7 @@ def winners_then_losers(x: torch.Tensor) -> torch.Tensor:
 
 
 def preference_step(adapter: ModelAdapter, policy: torch.nn.Module, reference: Reference, batch: dict, *,
-                    objective: str, space: str, beta: float, cpo_lambda: float, ncp: NCPConfig,
+                    objective: str, space: str, beta: float, cpo_lambda: float, orpo_lambda: float, ncp: NCPConfig,
                     generator: torch.Generator, resolution: int) -> LossOutput:
     """Loss and metrics of one micro-batch of B pairs (the policy forward keeps the graph)."""
     device = adapter.device
@@ -81,4 +81,5 @@ def preference_step(adapter: ModelAdapter, policy: torch.nn.Module, reference: R
         space, encoder=reference.unet, scheduler=scheduler, x0=x0, x_t=x_t, noise=noise, timesteps=timesteps,
         policy_pred=policy_pred, reference_pred=reference_pred, encoder_hidden_states=inputs["encoder_hidden_states"],
         added_cond_kwargs=added, config=ncp, generator=generator, encoder_context=reference.context)
-    return preference_loss(policy_err, reference_err, objective=objective, beta=beta, cpo_lambda=cpo_lambda)
+    return preference_loss(policy_err, reference_err, objective=objective, beta=beta, cpo_lambda=cpo_lambda,
+                           orpo_lambda=orpo_lambda)
