@@ -294,6 +294,28 @@ def test_checkpointed_encoder_gives_the_same_gradients(layers):
         torch.testing.assert_close(both[n], plain[n], rtol=1e-5, atol=1e-8)
 
 
+def test_checkpointed_encoder_keeps_fewer_activations():
+    unet = lora_unet()
+    b = batch(torch.tensor([300, 700]))
+    policy, reference = predictions(unet, b)
+    params = {id(p) for p in unet.parameters()}
+
+    def saved_bytes(checkpoint_encoder):  # activations autograd keeps for backward during the NCP pass
+        kept = {}
+
+        def pack(t):
+            base = t if t._base is None else t._base
+            if id(base) not in params:
+                kept[id(base)] = base.numel() * base.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            errors(unet, b, policy, reference, config=NCPConfig(checkpoint_encoder=checkpoint_encoder))
+        return sum(kept.values())
+
+    assert saved_bytes(True) < 0.4 * saved_bytes(False)
+
+
 def test_naive_checkpointing_would_be_caught():
     """Control for the test above: a checkpointed encoder pass that relies on the caller's
     adapters_disabled recomputes with the adapters enabled and gets other gradients."""

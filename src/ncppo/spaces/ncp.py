@@ -28,7 +28,10 @@ Cost and gradients: the policy input goes through the encoder with autograd, the
 target inputs together in ONE no-grad call (batching the policy with them would make autograd keep
 and differentiate all three). Gradients reach ``policy_pred`` through the encoder's activations; the
 encoder's weights must be frozen (checked) and get none. With LoRA the encoder is the same U-Net with
-its adapters disabled (the default ``encoder_context``): no copy of the U-Net.
+its adapters disabled (the default ``encoder_context``): no copy of the U-Net. ``checkpoint_encoder``
+recomputes the policy's encoder pass in backward block by block (diffusers' resnet / transformer-block
+checkpointing), each recompute with the adapters disabled again; the U-Net's own checkpointing
+setting never applies to the encoder pass.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ class NCPConfig:
     )
     checkpoint_encoder: bool = field(
         default=False,
-        metadata={"help": "recompute the policy's encoder pass in backward (less memory, more time)"},
+        metadata={"help": "recompute the policy's encoder pass block by block in backward (less memory, more time)"},
     )
 
     def __post_init__(self):
@@ -190,17 +193,35 @@ def ncp_inputs(
 
 
 @contextmanager
-def _without_block_checkpointing(unet):
-    # diffusers' own gradient checkpointing (unet.enable_gradient_checkpointing()) recomputes blocks
-    # during backward, when the LoRA adapters are enabled again: the encoder pass must not use it.
-    modules = [m for m in unet.modules() if getattr(m, "gradient_checkpointing", False) is True]
+def _block_checkpointing(unet, recompute):
+    """diffusers' block checkpointing (resnets and transformer blocks) set for the encoder pass: off
+    (recompute None) or on with ``recompute(module, *args)``; the U-Net's own setting is restored after.
+    The U-Net's own setting must never reach the encoder pass: its recompute runs in backward, when
+    the LoRA adapters are enabled again."""
+    modules = [m for m in unet.modules() if hasattr(m, "gradient_checkpointing")]
+    saved = [(m.gradient_checkpointing, m.__dict__.get("_gradient_checkpointing_func")) for m in modules]
     for m in modules:
-        m.gradient_checkpointing = False
+        m.gradient_checkpointing = recompute is not None
+        m._gradient_checkpointing_func = recompute
     try:
         yield
     finally:
-        for m in modules:
-            m.gradient_checkpointing = True
+        for m, (flag, func) in zip(modules, saved):
+            m.gradient_checkpointing = flag
+            m._gradient_checkpointing_func = func
+
+
+def _recompute_under(context_of):
+    """A checkpoint function whose recompute (during backward) runs ``module`` under ``context_of(module)``."""
+
+    def recompute(module, *args):
+        def run(*inputs):
+            with context_of(module):
+                return module(*inputs)
+
+        return checkpoint(run, *args, use_reentrant=False)
+
+    return recompute
 
 
 def _repeat_batch(x: torch.Tensor, copies: int = 2) -> torch.Tensor:
@@ -284,19 +305,17 @@ def ncp_errors(
         fixed = [level.chunk(len(inputs)) for level in features(torch.cat(inputs[1:] + [target]), len(inputs))]
     target_features = [level[-1] for level in fixed]
 
-    # policy: its own call with autograd; the recompute of a checkpointed pass runs during backward,
-    # when the adapters are enabled again, so the pass itself enters the encoder context
-    def policy_features(x):
-        with context(), _without_block_checkpointing(_base(encoder)):
-            return features(x)
-
+    # policy: its own call with autograd. Checkpointing recomputes each resnet / transformer block in
+    # backward, when the adapters are enabled again, so each recompute disables them itself (only that
+    # block's: cheap) or enters the caller's encoder context.
+    recompute = None
     if config.checkpoint_encoder and torch.is_grad_enabled():
-        policy_features_ = checkpoint(policy_features, inputs[0], use_reentrant=False)
-    else:
-        policy_features_ = policy_features(inputs[0])
+        recompute = _recompute_under(adapters_disabled if encoder_context is None else (lambda m: encoder_context()))
+    with context(), _block_checkpointing(_base(encoder), recompute):
+        policy_features = features(inputs[0])
 
     scales = [g.float().var().clamp_min(1e-12) for g in target_features] if config.layers == "multi" else [1.0]
-    policy_errors = _feature_errors(policy_features_, target_features, scales)
+    policy_errors = _feature_errors(policy_features, target_features, scales)
     reference_errors = None
     if reference_pred is not None:
         reference_errors = _feature_errors([level[0] for level in fixed], target_features, scales)
