@@ -15,7 +15,8 @@ def test_steps_to_reach_and_resolved_defaults():
     assert steps_to_reach(hist, 6.0) == 50  # step 0 never counts
     assert steps_to_reach(hist, 6.2) is None
     q = DemoConfig(quick=True).resolved()
-    assert (q["steps"], q["pairs"], q["eval_seeds"], q["curve_seeds"], q["eval_every"]) == (20, 200, 4, 1, 10)
+    assert (q["steps"], q["pairs"], q["eval_seeds"], q["curve_seeds"], q["eval_every"]) == (10, 100, 2, 1, 10)
+    assert (q["batch_size"], q["sample_steps"]) == (8, 10)
     d = DemoConfig(steps=40).resolved()
     assert (d["steps"], d["eval_every"], d["pairs"]) == (40, 5, 2000)
 
@@ -50,12 +51,12 @@ def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--bootstrap", "500"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["steps"] == 20 and results["eval"]["images"] == 6 * 4
+    assert results["steps"] == 10 and results["eval"]["images"] == 6 * 2
     for key in ("latent", "ncp"):
         assert 0.0 <= results[key]["win_rate_vs_base"] <= 1.0
         lo, hi = results[key]["win_rate_vs_base_ci95"]
         assert lo <= results[key]["win_rate_vs_base"] <= hi
-        assert [h["step"] for h in results["curves"][key]] == [0, 10, 20]
+        assert [h["step"] for h in results["curves"][key]] == [0, 10]
     assert results["settings"]["ncp"]["beta"] == DemoConfig().ncp_beta
     for name in ("report.md", "judge_over_steps.png", "samples.png", "manifest.json"):
         assert (out / name).is_file()

@@ -36,21 +36,21 @@ class DemoConfig:
     """`ncppo demo`."""
 
     out: str = _f("ncppo-demo", "output folder (report.md, results.json, figures, runs)")
-    quick: bool = _f(False, "about a minute: fewer pairs, steps and eval images (for CI)")
-    steps: int | None = _f(None, "optimizer steps per method (default 200; --quick 20)")
+    quick: bool = _f(False, "about a minute: 10 steps of 8 pairs, 10 DDIM steps, fewer eval images (for CI)")
+    steps: int | None = _f(None, "optimizer steps per method (default 200; --quick 10)")
     seed: int = _f(0, "seed of the pairs, training and sampling")
     model: str | None = _f(None, "base pipeline folder (default: the base shipped with ncppo)")
-    pairs: int | None = _f(None, "number of training pairs (default 2000; --quick 200)")
-    batch_size: int = _f(16, "pairs per optimizer step")
+    pairs: int | None = _f(None, "number of training pairs (default 2000; --quick 100)")
+    batch_size: int = _f(16, "pairs per optimizer step (--quick: at most 8)")
     lora_rank: int = _f(8, "LoRA rank (alpha = rank)")
     latent_beta: float = _f(TUNED["latent"]["beta"], "beta of latent-DPO (from `ncppo toy tune`)")
     latent_lr: float = _f(TUNED["latent"]["lr"], "learning rate of latent-DPO (from `ncppo toy tune`)")
     ncp_beta: float = _f(TUNED["ncp"]["beta"], "beta of NCP-DPO (from `ncppo toy tune`)")
     ncp_lr: float = _f(TUNED["ncp"]["lr"], "learning rate of NCP-DPO (from `ncppo toy tune`)")
-    eval_seeds: int | None = _f(None, "seeds per held-out prompt in the final comparison (default 16; --quick 4)")
+    eval_seeds: int | None = _f(None, "seeds per held-out prompt in the final comparison (default 16; --quick 2)")
     curve_seeds: int | None = _f(None, "seeds per held-out prompt in the score-over-steps curve (default 4; --quick 1)")
     eval_every: int | None = _f(None, "steps between curve points (default steps/8)")
-    sample_steps: int = _f(20, "DDIM steps per image")
+    sample_steps: int = _f(20, "DDIM steps per image (--quick: at most 10)")
     guidance: float = _f(3.0, "classifier-free guidance scale")
     bootstrap: int = _f(10000, "bootstrap resamples of the 95%% intervals")
 
@@ -63,24 +63,29 @@ class DemoConfig:
     def resolved(self) -> dict:
         """Every setting with the --quick / default choices filled in."""
         q = self.quick
-        steps = self.steps or (20 if q else 200)
-        return dict(steps=steps, pairs=self.pairs or (200 if q else 2000),
-                    eval_seeds=self.eval_seeds or (4 if q else 16), curve_seeds=self.curve_seeds or (1 if q else 4),
-                    eval_every=self.eval_every or max(1, steps // (2 if q else 8)),
+        steps = self.steps or (10 if q else 200)
+        return dict(steps=steps, pairs=self.pairs or (100 if q else 2000),
+                    eval_seeds=self.eval_seeds or (2 if q else 16), curve_seeds=self.curve_seeds or (1 if q else 4),
+                    eval_every=self.eval_every or max(1, steps // (1 if q else 8)),
+                    batch_size=min(self.batch_size, 8) if q else self.batch_size,
+                    sample_steps=min(self.sample_steps, 10) if q else self.sample_steps,
                     model=str(self.model or SHIPPED_BASE))
 
 
 def train_config(cfg, space: str, *, model: str, data: str, out: Path, steps: int, beta: float, lr: float,
-                 eval_prompts: str, eval_seeds: list[int], eval_every: int):
+                 eval_prompts: str, eval_seeds: list[int], eval_every: int, batch_size: int | None = None,
+                 sample_steps: int | None = None):
     """The TrainConfig of one toy run: LoRA DPO at 32 px with the toy judge as eval scorer."""
     from ..train.config import TrainConfig
 
+    batch_size = batch_size or cfg.batch_size
+    sample_steps = sample_steps or cfg.sample_steps
     return TrainConfig(
         model=model, data=data, output_dir=str(out), objective="dpo", space=space, beta=beta,
         finetune="lora", lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank), resolution=world.RESOLUTION,
-        max_steps=steps, batch_size=cfg.batch_size, learning_rate=lr, lr_scheduler="constant",
+        max_steps=steps, batch_size=batch_size, learning_rate=lr, lr_scheduler="constant",
         checkpoint_every=0, report_to="none", log_every=max(1, steps // 10), seed=cfg.seed,
-        sample_steps=cfg.sample_steps, guidance_scale=cfg.guidance, eval_every=eval_every,
+        sample_steps=sample_steps, guidance_scale=cfg.guidance, eval_every=eval_every,
         eval_prompts=eval_prompts, eval_scorer="toy-judge", eval_seeds=eval_seeds)
 
 
@@ -90,14 +95,15 @@ def write_prompts(path: Path, prompts: list[str]) -> str:
     return str(path)
 
 
-def sample_and_score(model: str, lora: str | None, prompts: list[str], seeds: list[int], cfg) -> tuple[list, np.ndarray]:
+def sample_and_score(model: str, lora: str | None, prompts: list[str], seeds: list[int], cfg,
+                     sample_steps: int | None = None) -> tuple[list, np.ndarray]:
     import torch
 
     from ..evaluate.sample import load_pipeline, sample_images
     from .judge import ToyJudge
 
     pipe = load_pipeline(model, lora=lora, device="cuda" if torch.cuda.is_available() else "cpu")
-    images = sample_images(pipe, prompts, seeds, steps=cfg.sample_steps, guidance=cfg.guidance,
+    images = sample_images(pipe, prompts, seeds, steps=sample_steps or cfg.sample_steps, guidance=cfg.guidance,
                            height=world.RESOLUTION, width=world.RESOLUTION, batch_size=32, progress=True)
     return images, ToyJudge().score(images, prompts).numpy()
 
@@ -154,7 +160,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         t = time.time()
         result = train(train_config(cfg, space, model=r["model"], data=str(pairs), out=out / f"{space}-dpo",
                                     steps=r["steps"], beta=beta, lr=lr, eval_prompts=prompts_file,
-                                    eval_seeds=curve_seeds, eval_every=r["eval_every"]))
+                                    eval_seeds=curve_seeds, eval_every=r["eval_every"],
+                                    batch_size=r["batch_size"], sample_steps=r["sample_steps"]))
         timings[f"train_{space}"] = time.time() - t
         runs[space] = str(result.weights_path)
         histories[space] = [{k: v for k, v in h.items() if k != "scores"} for h in result.eval_history]
@@ -165,7 +172,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     t = time.time()
     images, scores = {}, {}
     for name, lora in (("base", None), ("latent", runs["latent"]), ("ncp", runs["ncp"])):
-        images[name], scores[name] = sample_and_score(r["model"], lora, prompts, seeds, cfg)
+        images[name], scores[name] = sample_and_score(r["model"], lora, prompts, seeds, cfg, r["sample_steps"])
     timings["evaluate"] = time.time() - t
 
     results = compare(scores, cfg.bootstrap, cfg.seed)
