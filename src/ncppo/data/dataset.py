@@ -107,6 +107,10 @@ class PreferenceDataset(torch.utils.data.Dataset):
             "skipped": [],
         }
 
+    def meta(self, index: int):
+        """Caption/label/row of item `index` without decoding images (a `PairMeta`)."""
+        return self.table.meta(int(self.indices[int(index)]))
+
     def load_item(self, index: int) -> dict[str, Any]:
         """Item `index` without replacement of a bad row (raises BadRowError); used by the cache."""
         record = self.table.load(int(self.indices[int(index)]))
