@@ -136,3 +136,26 @@ def test_csv_source_writes_absolute_image_paths(pairs_csv, tmp_path):
     assert table.image_columns == ("image_0", "image_1")
     rec = table.load(1)  # source row 1, label 0
     assert rec.label_0 == 0.0 and rec.caption == "a blue square" and rec.image_0.size == (40, 32)
+
+
+def test_cli_curate_from_a_save_to_disk_folder(pair_rows, tmp_path):
+    import argparse
+
+    import datasets
+
+    from ncppo.data.commands import register
+
+    datasets.Dataset.from_list(pair_rows).save_to_disk(str(tmp_path / "disk"))
+    (tmp_path / "curate.yaml").write_text("rule: drop-ties\nshard-rows: 2\n")
+    parser = argparse.ArgumentParser(prog="ncppo")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["data", "curate", str(tmp_path / "disk"), "--out", str(tmp_path / "out"),
+                              "--config", str(tmp_path / "curate.yaml"), "--shard-rows", "3"])
+    assert args.func(args) == 0
+    shards = sorted((tmp_path / "out").glob("train-*.parquet"))
+    assert [s.name for s in shards] == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]  # 5 rows / 3
+    table = open_pairs(tmp_path / "out")
+    assert len(table) == 5 and [table.meta(i).caption for i in range(5)] == [
+        r["caption"] for r in pair_rows if r["label_0"] != 0.5]
+    rec = table.load(1)
+    assert rec.image_0.tobytes() == Image.open(io.BytesIO(pair_rows[1]["jpg_0"])).convert("RGB").tobytes()

@@ -217,3 +217,21 @@ def test_jsonl_absolute_paths_and_explicit_image_dir(pairs_csv, tmp_path):
     table = open_pairs(tmp_path / "abs.jsonl", image_dir=pairs_csv / "images")
     rec = table.load(0)
     assert rec.image_0.size == (32, 48) and rec.label_0 == 1.0
+
+
+def test_missing_source_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        open_pairs(tmp_path / "nope.parquet")
+    with pytest.raises(FileNotFoundError, match="not a local file or folder, and loading it as a datasets hub id"):
+        open_pairs("no-such-user/no-such-dataset")
+
+
+def test_dataloader_workers_give_the_same_batches(pairs_parquet):
+    from torch.utils.data import DataLoader
+
+    ds = PreferenceDataset(open_pairs(pairs_parquet), 16, crop="random", hflip=True, seed=1)
+    runs = []
+    for workers in (0, 2):
+        loader = DataLoader(ds, batch_size=2, collate_fn=collate_pairs, num_workers=workers)
+        runs.append(torch.cat([b["pixel_values"] for b in loader]))
+    assert runs[0].shape == (5, 2, 3, 16, 16) and torch.equal(runs[0], runs[1])

@@ -501,11 +501,17 @@ def open_pairs(source: str | os.PathLike, *, split: str = "train", image_dir: st
             dirs = extra_dirs or [path.parent, path.parent / "images"]
             return PairTable(_TableBackend(table, str(path)), dirs)
         raise PairSchemaError(f"{path}: unknown file type {suffix!r} (expected .parquet, .arrow, .csv or .jsonl)")
-    if str(source).startswith((".", "/", "~")) or os.sep in str(source) and str(source).count("/") > 1:
+    text = str(source)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or path.suffix.lower() in (
+            ".parquet", ".arrow", ".csv", ".jsonl", ".json"):
         raise FileNotFoundError(f"no such file or folder: {source}")
-    # a hub dataset id (needs network; datasets caches it)
-    ds = datasets.load_dataset(str(source), split=split, cache_dir=cache_dir, revision=revision)
-    return PairTable(_HFBackend(ds, str(source)), extra_dirs)
+    # a hub dataset id (needs network the first time; datasets caches it)
+    try:
+        ds = datasets.load_dataset(text, split=split, cache_dir=cache_dir, revision=revision)
+    except Exception as err:  # noqa: BLE001 - offline, unknown id, bad split: say what was tried
+        raise FileNotFoundError(f"{source}: not a local file or folder, and loading it as a datasets hub id "
+                                f"failed ({type(err).__name__}: {err})") from err
+    return PairTable(_HFBackend(ds, text), extra_dirs)
 
 
 def _open_arrow(files: list[Path], source: str, dirs) -> PairTable:
