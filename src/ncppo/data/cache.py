@@ -101,9 +101,8 @@ def cache_latents(source, model, out, *, resolution: int = 512, split: str = "tr
     Returns the cache info (also written to `out/cache_info.json` by the main process).
     """
     from accelerate import PartialState
-    from safetensors.torch import save_file
-
     from accelerate.utils import parse_flag_from_env
+    from safetensors.torch import save_file
 
     # PartialState, unlike Accelerator, does not read ACCELERATE_USE_CPU: without cpu=True, CPU processes
     # started by torchrun would each think they are alone

@@ -22,9 +22,10 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -182,7 +183,7 @@ class _Curator:
         return r.winner in self.absolute or r.winner in self.second
 
     # ---- pass 2
-    def write(self, sink: "_Sink", spill_dir: Path | None) -> dict[str, Any]:
+    def write(self, sink: _Sink, spill_dir: Path | None) -> dict[str, Any]:
         needed = {k for pair in self.synthetic for k in pair}
         captured: dict[bytes, dict[str, Any]] = {}
         kept, prompts = 0, set()

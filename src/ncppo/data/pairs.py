@@ -20,9 +20,10 @@ import io
 import json
 import math
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -182,7 +183,7 @@ class _ParquetBackend(_Backend):
         for f in files:
             try:
                 meta = pq.read_metadata(f)
-            except Exception as err:  # noqa: BLE001 - report which shard is broken
+            except Exception as err:
                 raise PairSchemaError(f"{f}: not a readable parquet file ({err})") from None
             self.num_rows += meta.num_rows
             file_names = list(meta.schema.to_arrow_schema().names)
@@ -375,7 +376,7 @@ class PairTable:
         data = self.image_bytes(row, k, value)
         try:
             img = open_image(data)
-        except Exception as err:  # noqa: BLE001 - PIL raises many types for corrupt data
+        except Exception as err:
             raise BadRowError(row, self.source, f"image {k} cannot be decoded ({type(err).__name__}: {err})") from None
         if img.width == 0 or img.height == 0:
             raise BadRowError(row, self.source, f"image {k} has zero size")
@@ -508,7 +509,7 @@ def open_pairs(source: str | os.PathLike, *, split: str = "train", image_dir: st
     # a hub dataset id (needs network the first time; datasets caches it)
     try:
         ds = datasets.load_dataset(text, split=split, cache_dir=cache_dir, revision=revision)
-    except Exception as err:  # noqa: BLE001 - offline, unknown id, bad split: say what was tried
+    except Exception as err:
         raise FileNotFoundError(f"{source}: not a local file or folder, and loading it as a datasets hub id "
                                 f"failed ({type(err).__name__}: {err})") from err
     return PairTable(_HFBackend(ds, text), extra_dirs)
@@ -521,7 +522,7 @@ def _open_arrow(files: list[Path], source: str, dirs) -> PairTable:
     for f in files:
         try:
             parts.append(datasets.Dataset.from_file(str(f)))
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             raise PairSchemaError(f"{f}: not a readable arrow file ({err})") from None
     ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     return PairTable(_HFBackend(ds, source), dirs)
