@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -30,24 +31,21 @@ class EpochSampler(Sampler[int]):
 
 def build_dataset(config, adapter=None):
     """The dataset `config.data` names: a latent cache, or pair rows read through `open_pairs`."""
-    import importlib.util
+    from ..data.cache import LatentCacheDataset, is_latent_cache
 
-    if importlib.util.find_spec("ncppo.data.cache") and _is_cache(config.data):
-        from ..data.cache import LatentCacheDataset
-
-        return LatentCacheDataset(config.data, hflip=config.hflip, keep_ties=config.keep_ties, seed=config.seed)
+    if is_latent_cache(config.data):
+        dataset = LatentCacheDataset(config.data, hflip=config.hflip, keep_ties=config.keep_ties, seed=config.seed)
+        cached_from = dataset.info.get("model")
+        if cached_from and cached_from != config.model:
+            warnings.warn(f"--data {config.data} was cached with model {cached_from!r}, training {config.model!r}: "
+                          "its latents (and text embeddings) must come from the same VAE (and text encoders)")
+        return dataset
     from ..data.dataset import PreferenceDataset
     from ..data.pairs import open_pairs
 
     table = open_pairs(config.data, split=config.split, image_dir=config.image_dir)
     return PreferenceDataset(table, config.resolution, crop=config.crop, hflip=config.hflip,
                              keep_ties=config.keep_ties, seed=config.seed)
-
-
-def _is_cache(path):
-    from ..data.cache import is_latent_cache
-
-    return is_latent_cache(path)
 
 
 def build_dataloader(config, adapter=None):

@@ -76,6 +76,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     # 3. Data: validated pair rows, deterministic order per epoch, no replay on resume.
     dataset, dataloader, sampler = build_dataloader(config, adapter)
+    resolution = getattr(dataset, "resolution", config.resolution)  # a latent cache fixes its own
 
     # 4. Optimizer and schedule.
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -132,7 +133,7 @@ def train(config: TrainConfig) -> TrainResult:
                 out_step = preference_step(adapter, unet, reference, batch, objective=config.objective,
                                            space=config.space, beta=config.beta, cpo_lambda=config.cpo_lambda,
                                            orpo_lambda=config.orpo_lambda,
-                                           ncp=ncp, generator=generator, resolution=config.resolution)
+                                           ncp=ncp, generator=generator, resolution=resolution)
                 loss_ok = _all_processes(accelerator, bool(torch.isfinite(out_step.loss)))
                 if loss_ok:
                     accelerator.backward(out_step.loss)
