@@ -102,9 +102,11 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, skip: tuple
         if base is bool:
             kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
         else:
-            kwargs.update(type=_converter(tp), metavar=f.metadata.get("metavar", f.name.upper()))
-            if "choices" in f.metadata:
+            kwargs.update(type=_converter(tp))
+            if "choices" in f.metadata:  # argparse then shows {a,b,...} as the metavar
                 kwargs["choices"] = f.metadata["choices"]
+            else:
+                kwargs["metavar"] = f.metadata.get("metavar", f.name.upper())
         parser.add_argument(flag(f.name), **kwargs)
 
 
