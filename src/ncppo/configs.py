@@ -22,6 +22,13 @@ class ConfigError(ValueError):
     """A config value is missing or invalid; the message names the flag."""
 
 
+def option(default, help: str, **meta):
+    """A config field with its --help text (and optional `choices`); list defaults are copied."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **meta})
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

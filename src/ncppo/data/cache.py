@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..configs import option
 from .dataset import PreferenceDataset, collate_pairs
 from .pairs import BadRowError, open_pairs
 from .transforms import Placement, mirrored_crop
@@ -37,8 +38,6 @@ INDEX_FILE = "index.parquet"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _f(default, help, **meta):
-    return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass
@@ -48,21 +47,21 @@ class CacheConfig:
     data: str = field(metadata={"help": "Pair source to encode (any source `ncppo train --data` reads).", "cli": False})
     model: str = field(metadata={"help": "Diffusers pipeline whose VAE (and text encoders) encode: hub id or folder."})
     out: str = field(metadata={"help": "Output cache folder (pass it to `ncppo train --data`)."})
-    resolution: int = _f(512, "Training resolution: shorter side resized to it, then center crop.")
-    split: str = _f("train", "Split to read.")
-    image_dir: str | None = _f(None, "Image folder for CSV/JSONL sources.")
-    family: str = _f("auto", "Model family; auto reads model_index.json.", choices=("auto", "sd", "sdxl"))
-    vae: str | None = _f(None, "Optional separate VAE (hub id or folder), e.g. the fp16-fix SDXL VAE.")
-    revision: str | None = _f(None, "Model revision on the hub.")
-    variant: str | None = _f(None, "Weight file variant, e.g. fp16.")
-    hflip_latents: bool = _f(False, "Also encode the mirrored images, so training with --hflip can use the cache.")
-    text_embeddings: bool = _f(False, "Also store text-encoder outputs (then training skips the text encoders).")
-    keep_ties: bool = _f(False, "Also cache tie pairs (label 0.5); training drops them unless --keep-ties.")
-    batch_size: int = _f(8, "Pairs encoded per VAE call.")
-    shard_pairs: int = _f(1024, "Pairs per safetensors shard.")
-    dtype: str = _f("float32", "Storage dtype of the latents (float32 keeps the cache exact).", choices=tuple(DTYPES))
-    limit: int | None = _f(None, "Cache only the first N pairs.")
-    overwrite: bool = _f(False, "Replace an existing output folder.")
+    resolution: int = option(512, "Training resolution: shorter side resized to it, then center crop.")
+    split: str = option("train", "Split to read.")
+    image_dir: str | None = option(None, "Image folder for CSV/JSONL sources.")
+    family: str = option("auto", "Model family; auto reads model_index.json.", choices=("auto", "sd", "sdxl"))
+    vae: str | None = option(None, "Optional separate VAE (hub id or folder), e.g. the fp16-fix SDXL VAE.")
+    revision: str | None = option(None, "Model revision on the hub.")
+    variant: str | None = option(None, "Weight file variant, e.g. fp16.")
+    hflip_latents: bool = option(False, "Also encode the mirrored images, so training with --hflip can use the cache.")
+    text_embeddings: bool = option(False, "Also store text-encoder outputs (then training skips the text encoders).")
+    keep_ties: bool = option(False, "Also cache tie pairs (label 0.5); training drops them unless --keep-ties.")
+    batch_size: int = option(8, "Pairs encoded per VAE call.")
+    shard_pairs: int = option(1024, "Pairs per safetensors shard.")
+    dtype: str = option("float32", "Storage dtype of the latents (float32 keeps the cache exact).", choices=tuple(DTYPES))
+    limit: int | None = option(None, "Cache only the first N pairs.")
+    overwrite: bool = option(False, "Replace an existing output folder.")
 
     def validate(self) -> None:
         from ..configs import ConfigError

@@ -16,6 +16,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ..configs import option
 from .pairs import BadRowError, PairTable, open_pairs, parse_label
 
 ERROR_KINDS = ("bad_label", "undecodable_image", "empty_image", "missing_image")
@@ -186,8 +187,6 @@ def check_pairs(source: str | PairTable, *, split: str = "train", image_dir: str
     return report
 
 
-def _f(default, help, **meta):
-    return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass
@@ -196,18 +195,18 @@ class CheckConfig:
 
     data: str = field(metadata={"help": "Pair source: datasets id or save_to_disk folder, parquet/arrow file or "
                                         "folder, CSV/JSONL naming image files.", "cli": False})
-    split: str = _f("train", "Split to read (datasets ids, save_to_disk dicts, folders with split-named shards).")
-    image_dir: str | None = _f(None, "Image folder for CSV/JSONL sources (default: the file's folder and its images/).")
-    resolution: int | None = _f(None, "Training resolution: count images whose shorter side is smaller (upscaled).")
-    max_caption_tokens: int = _f(CLIP_MAX_CAPTION_TOKENS, "Captions with more tokens are reported as long (CLIP "
+    split: str = option("train", "Split to read (datasets ids, save_to_disk dicts, folders with split-named shards).")
+    image_dir: str | None = option(None, "Image folder for CSV/JSONL sources (default: the file's folder and its images/).")
+    resolution: int | None = option(None, "Training resolution: count images whose shorter side is smaller (upscaled).")
+    max_caption_tokens: int = option(CLIP_MAX_CAPTION_TOKENS, "Captions with more tokens are reported as long (CLIP "
                                  "keeps 75 + start/end). Without --tokenizer, tokens are approximated by CLIP's "
                                  "pre-tokenizer pieces (words, digits, punctuation runs), a lower bound.")
-    tokenizer: str | None = _f(None, "Count caption tokens exactly with this tokenizer: a pipeline folder/hub id "
+    tokenizer: str | None = option(None, "Count caption tokens exactly with this tokenizer: a pipeline folder/hub id "
                                      "(its tokenizer/ subfolder) or a tokenizer folder.")
-    max_error_rate: float = _f(0.0, "Exit with status 1 when the share of rows with errors exceeds this.")
-    json: str | None = _f(None, "Also write the full report as JSON to this path ('-' for stdout).")
-    max_examples: int = _f(20, "Example rows kept per issue kind.")
-    limit: int | None = _f(None, "Check only the first N rows.")
+    max_error_rate: float = option(0.0, "Exit with status 1 when the share of rows with errors exceeds this.")
+    json: str | None = option(None, "Also write the full report as JSON to this path ('-' for stdout).")
+    max_examples: int = option(20, "Example rows kept per issue kind.")
+    limit: int | None = option(None, "Check only the first N rows.")
 
     def validate(self) -> None:
         from ..configs import ConfigError

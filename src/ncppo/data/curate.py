@@ -29,14 +29,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ..configs import option
 from .pairs import PairTable, _TableBackend, open_pairs, parse_label
 
 RULES = ("absolute-winners", "drop-ties", "none")
 PAIR_VARIANTS = ("direct", "latest", "add-loser-losers", "add-losers-of-loser")
 
 
-def _f(default, help, **meta):
-    return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass
@@ -46,17 +45,17 @@ class CurateConfig:
     data: str = field(metadata={"help": "Pair source to filter (any source `ncppo train --data` reads except a "
                                         "latent cache).", "cli": False})
     out: str = field(metadata={"help": "Output folder: train-XXXXX-of-YYYYY.parquet shards and stats.json."})
-    rule: str = _f("absolute-winners", "Which pairs to keep: absolute-winners (paper, section 4), drop-ties, "
+    rule: str = option("absolute-winners", "Which pairs to keep: absolute-winners (paper, section 4), drop-ties, "
                                        "or none (only --dedupe applies).", choices=RULES)
-    pairs: str = _f("direct", "absolute-winners only: direct (every pair of an absolute winner), latest (its last "
+    pairs: str = option("direct", "absolute-winners only: direct (every pair of an absolute winner), latest (its last "
                               "pair), add-loser-losers (+ pairs its losers won), add-losers-of-loser (+ new pairs "
                               "winner vs the images its losers beat). See docs/data.md.", choices=PAIR_VARIANTS)
-    dedupe: bool = _f(False, "Drop repeated comparisons (same prompt, same two images, same outcome; first kept).")
-    split: str = _f("train", "Split to read.")
-    image_dir: str | None = _f(None, "Image folder for CSV/JSONL sources (output rows get absolute image paths).")
-    chunk_rows: int = _f(1000, "Rows read per streaming chunk (memory ~ chunk x row size).")
-    shard_rows: int = _f(5000, "Rows per output parquet shard.")
-    overwrite: bool = _f(False, "Replace an existing output folder.")
+    dedupe: bool = option(False, "Drop repeated comparisons (same prompt, same two images, same outcome; first kept).")
+    split: str = option("train", "Split to read.")
+    image_dir: str | None = option(None, "Image folder for CSV/JSONL sources (output rows get absolute image paths).")
+    chunk_rows: int = option(1000, "Rows read per streaming chunk (memory ~ chunk x row size).")
+    shard_rows: int = option(5000, "Rows per output parquet shard.")
+    overwrite: bool = option(False, "Replace an existing output folder.")
 
     def validate(self) -> None:
         from ..configs import ConfigError

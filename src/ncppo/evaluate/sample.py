@@ -292,6 +292,11 @@ def read_index(folder: str | Path) -> list[dict]:
     path = Path(folder) / INDEX_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no sample index (run `ncppo sample --out {folder}` first)")
+    return read_jsonl(path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """One dict per non-empty line; a bad line raises naming the file and line."""
     rows = []
     for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..configs import ConfigError
-from .sample import DTYPES, read_index
+from .sample import DTYPES, read_index, read_jsonl
 from .scorers import SCORERS, get_scorer, score_in_batches
 
 SCORES_FILE = "scores.jsonl"
@@ -56,14 +56,7 @@ def read_scores(folder: str | Path) -> list[dict]:
     path = Path(folder) / SCORES_FILE
     if not path.is_file():
         return []
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {i}: not valid JSON ({err})") from None
-    return rows
+    return read_jsonl(path)
 
 
 def load_images(folder: Path, rows: list[dict]) -> list:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..configs import option
 from . import world
 from .base import SHIPPED_BASE
 
@@ -25,34 +26,30 @@ TUNED = {"latent": {"beta": 100.0, "lr": 1e-3}, "ncp": {"beta": 1e6, "lr": 1e-3}
 TUNE_RECORD = Path(__file__).parent / "assets" / "tune.json"
 
 
-def _f(default, help, **meta):
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **meta})
-    return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass
 class DemoConfig:
     """`ncppo demo`."""
 
-    out: str = _f("ncppo-demo", "output folder (report.md, results.json, figures, runs)")
-    quick: bool = _f(False, "about a minute: 10 steps of 8 pairs, 10 DDIM steps, fewer eval images (for CI)")
-    steps: int | None = _f(None, "optimizer steps per method (default 200; --quick 10)")
-    seed: int = _f(0, "seed of the pairs, training and sampling")
-    model: str | None = _f(None, "base pipeline folder (default: the base shipped with ncppo)")
-    pairs: int | None = _f(None, "number of training pairs (default 2000; --quick 100)")
-    batch_size: int = _f(16, "pairs per optimizer step (--quick: at most 8)")
-    lora_rank: int = _f(8, "LoRA rank (alpha = rank)")
-    latent_beta: float = _f(TUNED["latent"]["beta"], "beta of latent-DPO (from `ncppo toy tune`)")
-    latent_lr: float = _f(TUNED["latent"]["lr"], "learning rate of latent-DPO (from `ncppo toy tune`)")
-    ncp_beta: float = _f(TUNED["ncp"]["beta"], "beta of NCP-DPO (from `ncppo toy tune`)")
-    ncp_lr: float = _f(TUNED["ncp"]["lr"], "learning rate of NCP-DPO (from `ncppo toy tune`)")
-    eval_seeds: int | None = _f(None, "seeds per held-out prompt in the final comparison (default 16; --quick 2)")
-    curve_seeds: int | None = _f(None, "seeds per held-out prompt in the score-over-steps curve (default 4; --quick 1)")
-    eval_every: int | None = _f(None, "steps between curve points (default steps/8)")
-    sample_steps: int = _f(20, "DDIM steps per image (--quick: at most 10)")
-    guidance: float = _f(3.0, "classifier-free guidance scale")
-    bootstrap: int = _f(10000, "bootstrap resamples of the 95%% intervals")
+    out: str = option("ncppo-demo", "output folder (report.md, results.json, figures, runs)")
+    quick: bool = option(False, "about a minute: 10 steps of 8 pairs, 10 DDIM steps, fewer eval images (for CI)")
+    steps: int | None = option(None, "optimizer steps per method (default 200; --quick 10)")
+    seed: int = option(0, "seed of the pairs, training and sampling")
+    model: str | None = option(None, "base pipeline folder (default: the base shipped with ncppo)")
+    pairs: int | None = option(None, "number of training pairs (default 2000; --quick 100)")
+    batch_size: int = option(16, "pairs per optimizer step (--quick: at most 8)")
+    lora_rank: int = option(8, "LoRA rank (alpha = rank)")
+    latent_beta: float = option(TUNED["latent"]["beta"], "beta of latent-DPO (from `ncppo toy tune`)")
+    latent_lr: float = option(TUNED["latent"]["lr"], "learning rate of latent-DPO (from `ncppo toy tune`)")
+    ncp_beta: float = option(TUNED["ncp"]["beta"], "beta of NCP-DPO (from `ncppo toy tune`)")
+    ncp_lr: float = option(TUNED["ncp"]["lr"], "learning rate of NCP-DPO (from `ncppo toy tune`)")
+    eval_seeds: int | None = option(None, "seeds per held-out prompt in the final comparison (default 16; --quick 2)")
+    curve_seeds: int | None = option(None, "seeds per held-out prompt in the score-over-steps curve (default 4; --quick 1)")
+    eval_every: int | None = option(None, "steps between curve points (default steps/8)")
+    sample_steps: int = option(20, "DDIM steps per image (--quick: at most 10)")
+    guidance: float = option(3.0, "classifier-free guidance scale")
+    bootstrap: int = option(10000, "bootstrap resamples of the 95%% intervals")
 
     def validate(self):
         for name in ("steps", "pairs", "eval_seeds", "curve_seeds", "eval_every"):
@@ -203,19 +200,19 @@ def run_demo(cfg: DemoConfig) -> dict:
 class TuneConfig:
     """`ncppo toy tune`."""
 
-    out: str = _f("ncppo-tune", "output folder (tune.json, tune.md, one run per grid point)")
-    steps: int = _f(200, "optimizer steps per grid point")
-    pairs: int = _f(2000, "training pairs (train prompts)")
-    seed: int = _f(0, "seed of pairs, training and sampling")
-    model: str | None = _f(None, "base pipeline folder (default: the shipped base)")
-    batch_size: int = _f(16, "pairs per optimizer step")
-    lora_rank: int = _f(8, "LoRA rank (alpha = rank)")
-    latent_betas: list[float] = _f([100.0, 500.0, 2500.0], "latent-DPO betas of the grid")
-    ncp_betas: list[float] = _f([1e4, 1e5, 1e6], "NCP-DPO betas of the grid")
-    lrs: list[float] = _f([3e-4, 1e-3], "learning rates of the grid (both spaces)")
-    val_seeds: int = _f(4, "seeds per validation prompt")
-    sample_steps: int = _f(20, "DDIM steps per image")
-    guidance: float = _f(3.0, "classifier-free guidance scale")
+    out: str = option("ncppo-tune", "output folder (tune.json, tune.md, one run per grid point)")
+    steps: int = option(200, "optimizer steps per grid point")
+    pairs: int = option(2000, "training pairs (train prompts)")
+    seed: int = option(0, "seed of pairs, training and sampling")
+    model: str | None = option(None, "base pipeline folder (default: the shipped base)")
+    batch_size: int = option(16, "pairs per optimizer step")
+    lora_rank: int = option(8, "LoRA rank (alpha = rank)")
+    latent_betas: list[float] = option([100.0, 500.0, 2500.0], "latent-DPO betas of the grid")
+    ncp_betas: list[float] = option([1e4, 1e5, 1e6], "NCP-DPO betas of the grid")
+    lrs: list[float] = option([3e-4, 1e-3], "learning rates of the grid (both spaces)")
+    val_seeds: int = option(4, "seeds per validation prompt")
+    sample_steps: int = option(20, "DDIM steps per image")
+    guidance: float = option(3.0, "classifier-free guidance scale")
 
     def validate(self):
         if self.steps < 1 or self.pairs < 1 or self.val_seeds < 1:
