@@ -178,3 +178,14 @@ def test_validation_images_and_eval_hook_logged(tiny_sd_path, pairs_parquet, tmp
     assert list((out / "logs").rglob("events.out.tfevents*")), "no TensorBoard event file"
     manifest = json.loads((out / "manifest.json").read_text())
     assert [h["step"] for h in manifest["eval_history"]] == [0, 2]
+
+
+def test_bf16_mixed_precision_with_gradient_checkpointing(tiny_sdxl_path, pairs_parquet, tmp_path):
+    """Frozen weights in bf16 under autocast, LoRA weights trained in fp32, U-Net checkpointing on."""
+    result = train(make_config(tiny_sdxl_path, pairs_parquet, tmp_path / "bf16", mixed_precision="bf16",
+                               gradient_checkpointing=True, checkpoint_encoder=True, space="ncp", beta=1e5,
+                               max_steps=2))
+    assert result.steps == 2 and result.stopped_early is None
+    lora = load_file(result.weights_path)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in lora.values())
+    assert any(v.abs().max() > 0 for k, v in lora.items() if "lora.up" in k or "lora_B" in k)
