@@ -49,7 +49,13 @@ def train(config: TrainConfig) -> TrainResult:
     config.validate()
     out = Path(config.output_dir)
 
-    # 1. Processes, precision, trackers.
+    # 1. Processes, precision, trackers. accelerate keeps precision and accumulation in
+    # process-wide singletons; clear them so a second train() in one process (the demo, tests,
+    # notebooks) may choose its own. The process group (PartialState) is kept.
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     accelerator = Accelerator(
         # Several processes without a GPU (torchrun/mpirun on CPUs) need cpu=True for gloo.
         cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
