@@ -189,3 +189,17 @@ def test_bf16_mixed_precision_with_gradient_checkpointing(tiny_sdxl_path, pairs_
     lora = load_file(result.weights_path)
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in lora.values())
     assert any(v.abs().max() > 0 for k, v in lora.items() if "lora.up" in k or "lora_B" in k)
+
+
+@pytest.mark.parametrize("name", ["sd15-ncp-dpo.yaml", "sdxl-ncp-dpo.yaml"])
+def test_shipped_recipe_configs_parse_and_validate(name):
+    from pathlib import Path
+
+    from ncppo.configs import build_config, load_yaml
+
+    values = load_yaml(Path(__file__).parents[1] / "configs" / name)
+    config = build_config(TrainConfig, {**values, "data": "d", "output_dir": "o"})
+    assert (config.space, config.lora_rank, config.beta, config.lora_alpha) == ("ncp", 64, 2500.0, None)
+    assert config.mixed_precision == "fp16" and config.scale_lr
+    if name.startswith("sd15"):
+        assert config.validation_prompts == ["a photo of a cat on a windowsill", "a lighthouse at dusk, oil painting"]

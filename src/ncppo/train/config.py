@@ -85,7 +85,8 @@ class TrainConfig:
     resume: str | None = option(None, "Resume from 'latest' or a checkpoint folder.")
     log_every: int = option(10, "Log averaged metrics every N steps.")
     report_to: str = option("tensorboard", "Metric tracker.", choices=("tensorboard", "wandb", "none"))
-    validation_prompts: list[str] = option([], "Prompts drawn every --validation-every steps (PNG grid + TensorBoard).")
+    validation_prompts: list[str] = option([], "Prompts drawn every --validation-every steps (PNG grid + TensorBoard); the flag "
+                                       "splits at commas, a YAML list keeps them.")
     validation_every: int = option(0, "Draw validation images every N steps; 0 only at the end if prompts are given.")
     validation_seed: int = option(0, "Seed of the validation images.")
     sample_steps: int = option(25, "Inference steps for validation and eval images.")
