@@ -38,10 +38,6 @@ class TrainResult:
     stopped_early: str | None = None
 
 
-class NonFiniteStop(RuntimeError):
-    """Too many consecutive non-finite losses or gradients."""
-
-
 def train(config: TrainConfig) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
@@ -194,6 +190,11 @@ def train(config: TrainConfig) -> TrainResult:
         accelerator.print(f"stopped: {stopped}")
     validation.maybe_run(final_unet, state["step"], final=True)
     weights_path = out
+    skipped = state["skipped_rows"]
+    if world > 1:  # each process saw its own share of the bad rows
+        from accelerate.utils import gather_object
+
+        skipped = gather_object(skipped)
     if accelerator.is_main_process:
         if config.finetune == "lora":
             weights_path = adapter.save_lora(final_unet, out)
@@ -202,7 +203,7 @@ def train(config: TrainConfig) -> TrainResult:
         write_manifest(out / "manifest.json", command="train", config=config, seed=config.seed,
                        processes=world, steps=state["step"], stopped_early=stopped,
                        data=describe(dataset, config), nonfinite_skipped=state["nonfinite_skipped"],
-                       skipped_rows={"count": len(state["skipped_rows"]), "rows": state["skipped_rows"][:1000]},
+                       skipped_rows={"count": len(skipped), "rows": skipped[:1000]},
                        final_metrics=state.get("last_metrics", {}), eval_history=state["eval_history"],
                        weights=str(weights_path))
     accelerator.wait_for_everyone()
