@@ -178,7 +178,3 @@ def config_from_args(cls, args: argparse.Namespace, config_path: str | Path | No
     values.update({k: v for k, v in vars(args).items() if k in names})
     return build_config(cls, values, source=f"--config {config_path}" if config_path else "flags")
 
-
-def to_dict(config) -> dict[str, Any]:
-    """A YAML/JSON-ready dict of a config dataclass (the resolved config of a run manifest)."""
-    return dataclasses.asdict(config)

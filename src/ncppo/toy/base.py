@@ -14,9 +14,7 @@ guidance, EMA weights saved). U-Net and VAE weights are stored in fp16 to keep t
 
 from __future__ import annotations
 
-import json
 import math
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,19 +203,9 @@ def assemble_pipeline(components: dict):
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def versions() -> dict:
-    import diffusers
-    import transformers
-
-    from .. import __version__
-
-    return dict(ncppo=__version__, torch=torch.__version__, diffusers=diffusers.__version__,
-                transformers=transformers.__version__, python=platform.python_version())
-
-
 def build_base(cfg: BuildConfig) -> Path:
     """Pretrain the toy base from scratch and save it to `cfg.out` with a manifest.json."""
-    from ..configs import to_dict
+    from ..manifest import write_manifest
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -258,12 +246,11 @@ def build_base(cfg: BuildConfig) -> Path:
         pipe.vae.to(torch.float16)
     pipe.save_pretrained(out)
     timings["total_s"] = time.time() - t_start
-    manifest = dict(kind="ncppo toy base", config=to_dict(cfg), versions=versions(), timings=timings,
-                    threads=torch.get_num_threads(), device=cfg.device, vae_scaling_factor=scaling,
-                    vae_mse_curve_every_50=vae_curve, unet_loss_curve_every_50=unet_curve,
-                    flaw_rates=world.PRETRAIN_FLAW_RATES, prompts=world.all_prompts(),
-                    params={n: sum(p.numel() for p in comps[n].parameters()) for n in ("unet", "vae", "text_encoder")})
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    write_manifest(out / "manifest.json", command="toy build", config=cfg, kind="ncppo toy base", timings=timings,
+                   threads=torch.get_num_threads(), device=cfg.device, vae_scaling_factor=scaling,
+                   vae_mse_curve_every_50=vae_curve, unet_loss_curve_every_50=unet_curve,
+                   flaw_rates=world.PRETRAIN_FLAW_RATES, prompts=world.all_prompts(),
+                   params={n: sum(p.numel() for p in comps[n].parameters()) for n in ("unet", "vae", "text_encoder")})
     return out
 
 

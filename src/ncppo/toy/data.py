@@ -12,7 +12,6 @@ manifest.json beside it.
 from __future__ import annotations
 
 import io
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -102,8 +101,7 @@ def build_pairs(cfg: DataConfig) -> Path:
     """Write the pairs of `cfg` to `cfg.out` (parquet shard + manifest.json); returns the folder."""
     import datasets
 
-    from ..configs import to_dict
-    from .base import versions
+    from ..manifest import write_manifest
 
     t0 = time.time()
     rows = make_rows(cfg)
@@ -117,7 +115,7 @@ def build_pairs(cfg: DataConfig) -> Path:
         "flaws_0": datasets.Value("string"), "flaws_1": datasets.Value("string")})
     ds = datasets.Dataset.from_list(rows, features=features)
     ds.to_parquet(str(out / SHARD_NAME))
-    manifest = dict(kind="ncppo toy pairs", config=to_dict(cfg), versions=versions(), flaw_rates=PAIR_FLAW_RATES,
-                    prompts=world.prompts(cfg.split), stats=label_stats(rows), seconds=time.time() - t0)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    write_manifest(out / "manifest.json", command="toy data", config=cfg, kind="ncppo toy pairs",
+                   flaw_rates=PAIR_FLAW_RATES, prompts=world.prompts(cfg.split), stats=label_stats(rows),
+                   seconds=time.time() - t0)
     return out

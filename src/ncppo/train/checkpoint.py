@@ -14,7 +14,6 @@ import re
 import shutil
 from pathlib import Path
 
-import torch
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
@@ -117,6 +116,3 @@ def save_full_unet(unet, output_dir: str | Path) -> Path:
     os.replace(tmp, out)
     return out
 
-
-def tensors_finite(tensors) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
