@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "ncppo.evaluate.commands",  # sample, score, compare
     "ncppo.data.commands",  # data check | curate | cache
     "ncppo.toy.commands",  # demo, toy build | data | tune
+    "ncppo.sbs.commands",  # sbs serve | results | export
 )
 
 
