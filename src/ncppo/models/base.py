@@ -85,6 +85,17 @@ class ModelAdapter:
         raise NotImplementedError
 
     # ----- facts -----------------------------------------------------------------------------
+    # What `ncppo export` may write for this family (ncppo.publish): "diffusers" (the LoRA file),
+    # "merged" (a whole pipeline with the LoRA fused) and, for U-Nets with kohya key names, "kohya".
+    export_formats: tuple[str, ...] = ("diffusers", "merged")
+    lora_component: str = "unet"  # the pipeline component that carries the LoRA
+    hub_tags: tuple[str, ...] = ()  # the family's model-card tags on the Hub
+
+    @classmethod
+    def base_model_version(cls, denoiser_config: dict, prediction_type: str) -> str:
+        """The base model as kohya's `ss_base_model_version` names it (e.g. sd_v1, sdxl_base_v1-0)."""
+        return cls.family
+
     @property
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
@@ -135,7 +146,10 @@ class ModelAdapter:
         return self.pipeline_class(**components)
 
     def save_lora(self, unet, output_dir: str | Path, weight_name: str = "pytorch_lora_weights.safetensors") -> Path:
-        """Save the U-Net's LoRA adapter in diffusers format, loadable by `load_lora_weights`."""
+        """Save the U-Net's LoRA adapter in diffusers format, loadable by `load_lora_weights`.
+
+        The file carries `lora_adapter_metadata` (rank, alpha, targets), without which diffusers
+        assumes alpha = rank and scales a LoRA trained with another --lora-alpha wrongly."""
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
@@ -143,7 +157,8 @@ class ModelAdapter:
         output_dir.mkdir(parents=True, exist_ok=True)
         state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-        self.pipeline_class.save_lora_weights(output_dir, unet_lora_layers=state, weight_name=weight_name)
+        self.pipeline_class.save_lora_weights(output_dir, unet_lora_layers=state, weight_name=weight_name,
+                                              unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
         return output_dir / weight_name
 
 

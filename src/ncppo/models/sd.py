@@ -9,6 +9,14 @@ from .base import Conditioning, ModelAdapter
 
 class SDAdapter(ModelAdapter):
     family = "sd"
+    export_formats = ("diffusers", "kohya", "merged")
+    hub_tags = ("stable-diffusion", "stable-diffusion-diffusers")
+
+    @classmethod
+    def base_model_version(cls, denoiser_config: dict, prediction_type: str) -> str:
+        """sd_v1, or sd_v2 (OpenCLIP-H text encoder: 1024-wide cross-attention), + "_v" for v-prediction."""
+        version = "sd_v2" if denoiser_config.get("cross_attention_dim") == 1024 else "sd_v1"
+        return version + ("_v" if prediction_type == "v_prediction" else "")
 
     @property
     def pipeline_class(self):

@@ -10,6 +10,12 @@ from .base import Conditioning, ModelAdapter
 
 class SDXLAdapter(ModelAdapter):
     family = "sdxl"
+    export_formats = ("diffusers", "kohya", "merged")
+    hub_tags = ("stable-diffusion-xl", "stable-diffusion-xl-diffusers")
+
+    @classmethod
+    def base_model_version(cls, denoiser_config: dict, prediction_type: str) -> str:
+        return "sdxl_base_v1-0"
 
     @property
     def pipeline_class(self):
