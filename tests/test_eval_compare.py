@@ -45,8 +45,8 @@ def test_compare_numbers_and_outputs(tmp_path, monkeypatch, capsys):
     assert ps["win_rate"] == pytest.approx(3.5 / 6) and (ps["wins"], ps["ties"], ps["losses"]) == (3, 1, 2)
     assert hps["win_rate"] == pytest.approx(4 / 6) and (hps["wins"], hps["ties"], hps["losses"]) == (3, 2, 1)
     assert ps["mean_a"] == pytest.approx(np.mean(A["pickscore"])) and ps["mean_b"] == pytest.approx(20.0 - 1 / 6)
-    # two seeds per prompt: the interval resamples the 3 prompts, not the 6 images
-    assert result["resampled"] == "prompts" and result["n_prompts"] == 3 and result["n_images"] == 6
+    # two seeds per prompt: the interval resamples the 3 prompts, then the seeds inside them
+    assert result["resampled"] == "prompts, then seeds" and result["n_prompts"] == 3 and result["n_images"] == 6
     expected = paired_bootstrap_ci(A["pickscore"], B["pickscore"], n_resamples=2000, groups=[0, 0, 1, 1, 2, 2])
     assert ps["win_rate_ci"] == pytest.approx(list(expected))
     assert ps["win_rate_ci"][0] <= ps["win_rate"] <= ps["win_rate_ci"][1]

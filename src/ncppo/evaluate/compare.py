@@ -1,4 +1,5 @@
-"""`ncppo compare A B`: mean scores, win rate of A over B with a paired bootstrap interval, and grids."""
+"""`ncppo compare A B`: mean scores, win rate of A over B with a two-stage bootstrap interval
+(prompts, then the seeds inside each drawn prompt; `ncppo.evaluate.stats`), and grids."""
 
 from __future__ import annotations
 
@@ -94,9 +95,8 @@ def compare_folders(config: CompareConfig) -> dict:
     a, b = _load(dir_a), _load(dir_b)
     keys = check_matching(a, b, str(dir_a), str(dir_b))
     groups = np.array([k[0] for k in keys])
-    grouped = len(set(groups.tolist())) < len(keys)  # several seeds per prompt: resample prompts
-    kw = dict(n_resamples=config.n_resamples, confidence=config.confidence, seed=config.seed,
-              groups=groups if grouped else None)
+    grouped = len(set(groups.tolist())) < len(keys)  # several seeds per prompt: prompts, then seeds
+    kw = dict(n_resamples=config.n_resamples, confidence=config.confidence, seed=config.seed, groups=groups)
     results = {}
     for m in _metrics(a, b, config.metric, str(dir_a), str(dir_b)):
         xa = np.array([a[k][m] for k in keys], dtype=np.float64)
@@ -112,7 +112,7 @@ def compare_folders(config: CompareConfig) -> dict:
                           wins=int((xa > xb).sum()), ties=int((xa == xb).sum()), losses=int((xa < xb).sum()),
                           n=len(keys), confidence=config.confidence)
     return dict(a=str(dir_a), b=str(dir_b), label_a=label_a, label_b=label_b, n_images=len(keys),
-                n_prompts=len(set(groups.tolist())), resampled="prompts" if grouped else "images",
+                n_prompts=len(set(groups.tolist())), resampled="prompts, then seeds" if grouped else "images",
                 n_resamples=config.n_resamples, seed=config.seed, metrics=results)
 
 
