@@ -1,0 +1,99 @@
+"""ncppo sbs results: majority votes, win rates, two-stage bootstrap and agreement against hand-computed values."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ncppo.sbs.agreement import krippendorff_alpha, pairwise_agreement
+from ncppo.sbs.bootstrap import two_stage_bootstrap_ci, two_stage_bootstrap_stats
+from ncppo.sbs.results import ResultsConfig, majority, summarize
+
+# (prompt_index, seed) -> winners of ann, bob, cat (None = no vote)
+HAND_MADE = {(0, 0): ("a", "a", "b"), (0, 1): ("a", "tie", "tie"), (1, 0): ("b", "b", "b"),
+             (1, 1): ("a", "b", "tie"), (2, 0): ("a", "a", None)}
+
+
+def write_votes(path, table=HAND_MADE, question="general", a="/x/model-a", b="/x/model-b"):
+    rows = []
+    for (pi, seed), winners in table.items():
+        for name, w in zip(("ann", "bob", "cat"), winners):
+            if w is not None:
+                rows.append(dict(prompt=f"prompt {pi}", prompt_index=pi, seed=seed, question=question, winner=w,
+                                 left="a", annotator=name, time="t", a=a, b=b))
+    with open(path, "a") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    return path
+
+
+def test_majority():
+    assert majority(["a", "a", "b"]) == "a" and majority(["b"]) == "b" and majority(["tie", "tie", "a"]) == "tie"
+    assert majority(["a", "b", "tie"]) == "tie" and majority(["a", "b"]) == "tie"
+
+
+def test_krippendorff_alpha_textbook_example():
+    # Krippendorff (2011), nominal data with missing values: 4 coders, 12 units, alpha = 0.743
+    coders = [[1, 2, 3, 3, 2, 1, 4, 1, 2, None, None, None], [1, 2, 3, 3, 2, 2, 4, 1, 2, 5, None, 3],
+              [None, 3, 3, 3, 2, 3, 4, 2, 2, 5, 1, None], [1, 2, 3, 3, 2, 4, 4, 1, 2, 5, 1, None]]
+    units = [[v for v in unit if v is not None] for unit in zip(*coders)]
+    assert krippendorff_alpha(units) == pytest.approx(0.7434, abs=5e-5)
+
+
+def test_agreement_on_a_hand_made_case():
+    units = [[w for w in ws if w] for ws in HAND_MADE.values()]
+    # coincidences: o_aa 3, o_bb 3, o_tt 1, o_ab 1.5, o_at 1.5, o_bt 0.5 (each both ways); n_a 6, n_b 5, n_t 3, n 14
+    assert krippendorff_alpha(units) == pytest.approx(1 - 13 * 7 / (14 ** 2 - 36 - 25 - 9))  # 5/18
+    assert pairwise_agreement(units) == pytest.approx(7 / 14)
+    assert krippendorff_alpha([["a", "a"], ["b", "b", "b"]]) == 1.0
+    assert krippendorff_alpha([["a", "a"], ["a"]]) is None and krippendorff_alpha([["a"], ["b"]]) is None
+
+
+def test_two_stage_bootstrap_resamples_prompts_then_items():
+    # prompt 0 holds items 1 and 0, prompt 1 items 1 and 1. A resample is all ones when every drawn item is:
+    # both prompts drawn as 1 (1/4) -> 1; one of each (1/2) -> prompt 0 must draw item "1" twice (1/4);
+    # prompt 0 twice (1/4) -> 1/16. P = 1/4 + 1/8 + 1/64 = 25/64. Prompts only would give 1/4, items only (3/4)^4.
+    stats = two_stage_bootstrap_stats([1, 0, 1, 1], ["p0", "p0", "p1", "p1"], n_resamples=40000, seed=1)
+    assert np.mean(stats == 1.0) == pytest.approx(25 / 64, abs=0.01)
+    assert stats.mean() == pytest.approx(0.75, abs=0.005)  # unbiased for the mean
+    # unequal prompt sizes: a one-item prompt always contributes its single value
+    stats = two_stage_bootstrap_stats([0, 1, 1, 1], ["p0", "p1", "p1", "p1"], n_resamples=20000, seed=0)
+    assert np.mean(stats == 0.0) == pytest.approx(1 / 4, abs=0.01)  # only when p0 is drawn twice
+    low, high = two_stage_bootstrap_ci([1, 0, 1, 1], [0, 0, 1, 1], n_resamples=2000)
+    assert 0 <= low < 0.75 < high == 1.0
+    with pytest.raises(ValueError, match="one entry per value"):
+        two_stage_bootstrap_stats([1, 0], [0])
+
+
+def test_summarize_hand_made_votes(tmp_path):
+    path = write_votes(tmp_path / "v.jsonl")
+    write_votes(path, {(0, 0): ("b", None, None)}, question="visual")
+    result = summarize(ResultsConfig(votes=[str(path)], n_resamples=2000))
+    g = result["questions"]["general"]
+    assert g["win_rate"] == pytest.approx(3 / 5)  # majorities a, tie, b, tie, a
+    assert (g["a_wins"], g["ties"], g["b_wins"], g["n_items"], g["n_prompts"], g["n_votes"]) == (2, 2, 1, 5, 3, 14)
+    assert g["vote_win_rate"] == pytest.approx(7.5 / 14)
+    assert g["krippendorff_alpha"] == pytest.approx(5 / 18) and g["pairwise_agreement"] == pytest.approx(0.5)
+    assert g["annotators_per_item"] == {"2": 1, "3": 4} and g["votes_per_annotator"] == {"ann": 5, "bob": 5, "cat": 4}
+    assert g["win_rate_ci"] == list(two_stage_bootstrap_ci([1, .5, 0, .5, 1], [0, 0, 1, 1, 2], n_resamples=2000))
+    v = result["questions"]["visual"]
+    assert (v["win_rate"], v["n_votes"], v["krippendorff_alpha"]) == (0.0, 1, None)
+    assert result["annotators"] == {"ann": {"general": 5, "visual": 1}, "bob": {"general": 5}, "cat": {"general": 4}}
+    assert (result["label_a"], result["label_b"]) == ("model-a", "model-b")
+
+
+def test_cli_results_writes_json_and_markdown(tmp_path, capsys):
+    from ncppo.cli import main
+
+    path = write_votes(tmp_path / "v.jsonl")
+    assert main(["sbs", "results", str(path), "--out", str(tmp_path / "res"), "--n-resamples", "500"]) == 0
+    saved = json.loads((tmp_path / "res" / "sbs.json").read_text())
+    assert saved["questions"]["general"]["win_rate"] == pytest.approx(0.6) and saved["config"]["n_resamples"] == 500
+    md = (tmp_path / "res" / "sbs.md").read_text()
+    assert "| general | 60.0% | [" in md and "| 2 | 2 | 1 | 5 | 3 | 14 | 53.6% | 0.278 | 0.500 |" in md
+    assert "| ann | 5 | 5 |" in md and md.strip() in capsys.readouterr().out
+    # votes on swapped folders mixed in: "a" would mean two models, so it is refused
+    write_votes(path, {(3, 0): ("a", None, None)}, a="/x/model-b", b="/x/model-a")
+    assert main(["sbs", "results", str(path), "--out", str(tmp_path / "res")]) == 2
+    assert "compare different folders" in capsys.readouterr().err
