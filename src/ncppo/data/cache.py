@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..configs import option
+from ..errors import InputError, OutputExistsError
 from .dataset import PreferenceDataset, collate_pairs
 from .pairs import BadRowError, open_pairs
 from .transforms import Placement, mirrored_crop
@@ -84,6 +85,20 @@ def is_latent_cache(path) -> bool:
         return False
 
 
+def partial_cache_reason(path) -> str | None:
+    """Why `path` looks like a latent cache that is not complete (None if it does not look like one):
+    shards or an index written by `ncppo data cache` but no valid cache_info.json (written last)."""
+    folder = Path(str(path))
+    if not folder.is_dir() or is_latent_cache(folder):
+        return None
+    if (folder / INFO_FILE).is_file():
+        return f"{INFO_FILE} is unreadable or not an ncppo latent cache's; rebuild with `ncppo data cache --overwrite`"
+    if any(folder.glob("shard-p*.safetensors")):
+        return (f"a half-written latent cache (shards but no {INFO_FILE}, which is written last): the cache run "
+                "stopped early; rebuild it with `ncppo data cache --overwrite`")
+    return None
+
+
 def _placements(item: dict[str, Any]) -> list[Placement]:
     return [Placement(tuple(item["original_sizes"][k].tolist()), tuple(item["crops_top_left"][k].tolist()))
             for k in (0, 1)]
@@ -110,7 +125,7 @@ def cache_latents(source, model, out, *, resolution: int = 512, split: str = "tr
     if state.is_main_process:
         if out.exists() and any(out.iterdir()):
             if not overwrite:
-                raise FileExistsError(f"--out {out} exists and is not empty (use --overwrite)")
+                raise OutputExistsError(f"--out {out} exists and is not empty (use --overwrite)")
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
@@ -246,10 +261,10 @@ class LatentCacheDataset(torch.utils.data.Dataset):
 
         self.path = Path(str(path))
         if not is_latent_cache(self.path):
-            raise ValueError(f"{self.path}: not a complete latent cache (no {INFO_FILE}); build it with `ncppo data cache`")
+            raise InputError(f"{self.path}: not a complete latent cache (no {INFO_FILE}); build it with `ncppo data cache`")
         self.info = json.loads((self.path / INFO_FILE).read_text())
         if hflip and not self.info.get("hflip_latents"):
-            raise ValueError(f"{self.path}: --hflip needs mirrored latents, but this cache has none (a flipped latent "
+            raise InputError(f"{self.path}: --hflip needs mirrored latents, but this cache has none (a flipped latent "
                              "is not the latent of the flipped image); rebuild it with `ncppo data cache --hflip-latents`")
         self.resolution = int(self.info["resolution"])
         self.hflip, self.keep_ties, self.seed, self.epoch = bool(hflip), bool(keep_ties), int(seed), 0

@@ -30,6 +30,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..configs import option
+from ..errors import OutputExistsError
 from .pairs import PairTable, _TableBackend, open_pairs, parse_label
 
 RULES = ("absolute-winners", "drop-ties", "none")
@@ -372,7 +373,7 @@ def curate(source, out: str | Path, *, rule: str = "absolute-winners", pairs: st
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"--out {out} exists and is not empty (use --overwrite)")
+            raise OutputExistsError(f"--out {out} exists and is not empty (use --overwrite)")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     curator = _Curator(table, lambda cols: table.iter_batches(cols, chunk_rows), rule=rule, pairs=pairs,

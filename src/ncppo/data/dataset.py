@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import InputError
 from .pairs import BadRowError, PairRecord, PairTable
 from .transforms import prepare_image
 
@@ -48,7 +49,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
             "bad_label_rows": [int(r) for r in np.flatnonzero(bad)[:20]],
         }
         if len(self.indices) == 0:
-            raise ValueError(f"{table.source}: no usable pairs ({self.stats['rows']} rows, "
+            raise InputError(f"{table.source}: no usable pairs ({self.stats['rows']} rows, "
                              f"{self.stats['ties_dropped']} ties dropped, {self.stats['bad_labels']} bad labels)")
 
     def __len__(self) -> int:
@@ -77,7 +78,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
             item["skipped"] = skipped
             return item
         rows = ", ".join(f"row {r} ({why})" for r, why in skipped[:5])
-        raise RuntimeError(f"{self.table.source}: {len(skipped)} consecutive bad rows from index {index}: {rows}")
+        raise InputError(f"{self.table.source}: {len(skipped)} consecutive bad rows from index {index}: {rows}")
 
     def make_item(self, record: PairRecord, rng: np.random.Generator | None = None) -> dict[str, Any]:
         """Orient a decoded pair (winner first) and transform both images (crop/flip from `rng`)."""

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..errors import InputError, MissingInputError
+
 VALID_LABELS = (0.0, 0.5, 1.0)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_COLUMNS = ("caption", "prompt")
@@ -46,7 +48,7 @@ class BadRowError(ValueError):
         super().__init__(f"{source}: row {row}: {reason}")
 
 
-class PairSchemaError(ValueError):
+class PairSchemaError(InputError):
     """A source lacks a required column (the message names the file, the column and what was found)."""
 
 
@@ -505,12 +507,12 @@ def open_pairs(source: str | os.PathLike, *, split: str = "train", image_dir: st
     text = str(source)
     if text.startswith((".", "/", "~")) or text.count("/") > 1 or path.suffix.lower() in (
             ".parquet", ".arrow", ".csv", ".jsonl", ".json"):
-        raise FileNotFoundError(f"no such file or folder: {source}")
+        raise MissingInputError(f"no such file or folder: {source}")
     # a hub dataset id (needs network the first time; datasets caches it)
     try:
         ds = datasets.load_dataset(text, split=split, cache_dir=cache_dir, revision=revision)
     except Exception as err:
-        raise FileNotFoundError(f"{source}: not a local file or folder, and loading it as a datasets hub id "
+        raise MissingInputError(f"{source}: not a local file or folder, and loading it as a datasets hub id "
                                 f"failed ({type(err).__name__}: {err})") from err
     return PairTable(_HFBackend(ds, text), extra_dirs)
 

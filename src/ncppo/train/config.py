@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 
 from ..configs import ConfigError, option
 
@@ -50,7 +51,8 @@ class TrainConfig:
     # --- data ----------------------------------------------------------------------------------
     split: str = option("train", "Dataset split (datasets ids and folders).")
     image_dir: str | None = option(None, "Image folder for CSV/JSONL pair files (default: beside the file).")
-    resolution: int = option(512, "Training resolution in pixels (square).")
+    resolution: int | None = option(None, "Training resolution in pixels (square); default 512, or the latent "
+                                          "cache's own (--data from `ncppo data cache`).")
     crop: str = option("center", "Crop after resizing the shorter side.", choices=("center", "random"))
     hflip: bool = option(False, "Random horizontal flips (per pair, both images).")
     keep_ties: bool = option(False, "Keep label 0.5 pairs (winner chosen as image 0). Dropped and counted by default.")
@@ -82,7 +84,10 @@ class TrainConfig:
     # --- outputs -------------------------------------------------------------------------------
     checkpoint_every: int = option(500, "Save a resumable checkpoint every N steps; 0 disables.")
     checkpoints_total_limit: int | None = option(3, "Keep at most this many checkpoints (oldest removed).")
-    resume: str | None = option(None, "Resume from 'latest' or a checkpoint folder.")
+    resume: str | None = option(None, "Resume from 'latest' (the newest intact checkpoint in --output-dir; none yet: "
+                                  "start at step 0) or a checkpoint folder.")
+    resume_anyway: bool = option(False, "Resume even if the checkpoint's batch size, accumulation, process count, "
+                                        "data fingerprint, model or LoRA shape differ from this run's (named in the error).")
     log_every: int = option(10, "Log averaged metrics every N steps.")
     report_to: str = option("tensorboard", "Metric tracker.", choices=("tensorboard", "wandb", "none"))
     validation_prompts: list[str] = option([], "Prompts drawn every --validation-every steps (PNG grid + TensorBoard); the flag "
@@ -100,15 +105,19 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Fail before anything is loaded, naming the flag."""
+        for f in fields(self):  # nan/inf pass every comparison below, so reject them first
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
         positive = ("max_steps", "batch_size", "gradient_accumulation_steps", "resolution", "lora_rank",
                     "sample_steps", "log_every", "max_nonfinite")
         for name in positive:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("checkpoint_every", "validation_every", "eval_every", "lr_warmup_steps", "dataloader_num_workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.resolution % 8:
+        if self.resolution is not None and self.resolution % 8:
             raise ConfigError(f"--resolution must be a multiple of 8, got {self.resolution}")
         if not self.learning_rate > 0:
             raise ConfigError(f"--learning-rate must be > 0, got {self.learning_rate}")
@@ -117,8 +126,18 @@ class TrainConfig:
         for name in ("cpo_lambda", "orpo_lambda"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.max_grad_norm < 0:
-            raise ConfigError(f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
+        for name in ("max_grad_norm", "adam_epsilon", "weight_decay", "guidance_scale"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ConfigError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ConfigError(f"--max-train-samples must be >= 1, got {self.max_train_samples}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ConfigError(f"--checkpoints-total-limit must be >= 1 (or none), got {self.checkpoints_total_limit}")
         if self.eval_every and not (self.eval_prompts and self.eval_scorer):
             raise ConfigError("--eval-every needs --eval-prompts and --eval-scorer")
         if self.finetune == "lora" and not self.lora_targets:

@@ -21,7 +21,7 @@ from ..manifest import write_manifest
 from ..spaces.ncp import NCPConfig
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .data import build_dataloader, describe
+from .data import build_dataloader, describe, fingerprint, usable_pairs
 from .hooks import EvalHook, ValidationHook
 from .step import Reference, preference_step
 
@@ -61,10 +61,21 @@ def train(config: TrainConfig) -> TrainResult:
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     set_seed(config.seed)
-    out.mkdir(parents=True, exist_ok=True)
     rank, world = accelerator.process_index, accelerator.num_processes
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_stale(out)  # what a save killed midway left behind
+    accelerator.wait_for_everyone()
 
-    # 2. Model: frozen components in the mixed-precision dtype; trainable weights stay fp32.
+    # 2. Data: validated pair rows, deterministic order per epoch, no replay on resume. Built (and
+    # the checkpoint to resume chosen) before the models load, so bad input fails in seconds.
+    dataset, dataloader, sampler = build_dataloader(config, world)
+    resolution = config.resolution  # resolved by build_dataloader: a latent cache fixes its own
+    identity = ckpt.run_identity(config, processes=world, data_fingerprint=fingerprint(dataset),
+                                 pairs=usable_pairs(dataset, config))
+    resume_candidates = ckpt.find_resume(accelerator, out, config.resume, identity, config.resume_anyway)
+
+    # 3. Model: frozen components in the mixed-precision dtype; trainable weights stay fp32.
     from ..models import load_model
 
     weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
@@ -75,10 +86,6 @@ def train(config: TrainConfig) -> TrainResult:
         unet.enable_gradient_checkpointing()
     if config.finetune == "lora":
         ckpt.register_lora_hooks(accelerator, unet)
-
-    # 3. Data: validated pair rows, deterministic order per epoch, no replay on resume.
-    dataset, dataloader, sampler = build_dataloader(config, adapter)
-    resolution = getattr(dataset, "resolution", config.resolution)  # a latent cache fixes its own
 
     # 4. Optimizer and schedule.
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -97,10 +104,14 @@ def train(config: TrainConfig) -> TrainResult:
 
     # 5. Resume: weights, optimizer, schedule and RNG from the checkpoint; data position from the step.
     state = {"step": 0, "micro_steps": 0, "nonfinite_skipped": 0, "skipped_rows": [], "eval_history": []}
-    resume_from = ckpt.resolve_resume(out, config.resume)
+    resume_from, saved = ckpt.load_resume(accelerator, resume_candidates, config.resume, identity, config.resume_anyway)
     if resume_from is not None:
-        state.update(ckpt.load_checkpoint(accelerator, resume_from))
+        state.update(saved)
+        if accelerator.is_main_process:
+            ckpt.rewind_logs(out, state["step"])  # the steps after the checkpoint are done again
+        accelerator.wait_for_everyone()
         accelerator.print(f"resumed from {resume_from} at step {state['step']}")
+    state["run"] = identity
 
     if accelerator.is_main_process:
         accelerator.init_trackers("ncppo", config={k: str(v) for k, v in vars(config).items()})
@@ -197,7 +208,7 @@ def train(config: TrainConfig) -> TrainResult:
         skipped = gather_object(skipped)
     if accelerator.is_main_process:
         if config.finetune == "lora":
-            weights_path = adapter.save_lora(final_unet, out)
+            weights_path = ckpt.save_lora_weights(adapter, final_unet, out)
         else:
             weights_path = ckpt.save_full_unet(final_unet, out)
         write_manifest(out / "manifest.json", command="train", config=config, seed=config.seed,
