@@ -1,5 +1,10 @@
 """The `ncppo` command. Thin: each feature package registers its own subcommands in a
-`commands.py` module (`register(subparsers)`), which parses, validates and calls the library."""
+`commands.py` module (`register(subparsers)`), which parses, validates and calls the library.
+
+Expected failures (`ncppo.errors.NcppoError`, `ConfigError`: a bad flag, file, row or column, a
+full disk, a checkpoint of another run) print one line, `ncppo <command>: error: <message>`, and
+exit with code 2; `--debug` (anywhere on the command line) shows the traceback instead.
+Anything else is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
@@ -10,6 +15,9 @@ import sys
 
 from . import __version__
 from .configs import ConfigError
+from .errors import NcppoError
+
+EXPECTED = (ConfigError, NcppoError)
 
 # Feature packages that contribute subcommands, in --help order.
 COMMAND_MODULES = (
@@ -28,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         "noise-conditioned perceptual (NCP) space.",
     )
     parser.add_argument("--version", action="version", version=f"ncppo {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="Show the full traceback of an error instead of one line (may go anywhere on the line).")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         if importlib.util.find_spec(name) is not None:
@@ -36,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:cut]
+    argv = [a for a in argv[:cut] if a != "--debug"] + argv[cut:]
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -43,9 +57,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except ConfigError as err:
-        print(f"ncppo {args.command}: error: {err}", file=sys.stderr)
+    except EXPECTED as err:
+        if debug:
+            raise
+        print(f"ncppo {_command_name(args)}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+
+
+def _command_name(args) -> str:
+    """`train`, or `data check` for a nested tool (its parser stores the tool in `<group>_command`)."""
+    nested = [v for k, v in vars(args).items() if k.endswith("_command") and k != "command" and isinstance(v, str)]
+    return " ".join([args.command, *nested])
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":
