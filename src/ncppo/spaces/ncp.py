@@ -17,21 +17,27 @@ with the true target. How (``timestep_mode``):
   "same"     x0_hat re-noised at t' = t with the TRUE noise eps. (Re-noising with eps_hat at t would
              give back x_t exactly, whatever the prediction.)
 
-The target takes the same path with the true prediction (``latent.prediction_target``), so a perfect
-prediction has zero error up to rounding. The x_t' arithmetic runs in float32.
+The target takes the same path with the true prediction (``latent.prediction_target``). Every mode's
+x' is affine in the prediction, so x'_pred - x'_true = g_t * (prediction - target) with a per-sample
+gain g_t (``ncp_gain``): the difference is computed exactly in float32, never by cancellation, a
+perfect prediction has error exactly 0, and so has t = 0 in "t-1" mode (g = 0).
 
 ``layers``: "down" = the last down block's output (default); "mid" = the mid block's output;
 "multi" = conv_in and every down level, each level's error divided by the variance of its target
 features over the batch (one detached scalar per level) and then averaged, so levels weigh alike.
 
-Cost and gradients: the policy input goes through the encoder with autograd, the reference and the
-target inputs together in ONE no-grad call (batching the policy with them would make autograd keep
-and differentiate all three). Gradients reach ``policy_pred`` through the encoder's activations; the
-encoder's weights must be frozen (checked) and get none. With LoRA the encoder is the same U-Net with
-its adapters disabled (the default ``encoder_context``): no copy of the U-Net. ``checkpoint_encoder``
-recomputes the policy's encoder pass in backward block by block (diffusers' resnet / transformer-block
-checkpointing), each recompute with the adapters disabled again; the U-Net's own checkpointing
-setting never applies to the encoder pass.
+Precision (``precision``, see ``ncppo.spaces.precision``): in "t-1" mode the difference is ~1e-3 rms,
+below bf16's resolution; the default compares f(x'_true + s d) with f(x'_true), s magnifying d to
+rms 0.1, divided by s^2, wherever the encoder does not run in exact fp32.
+
+Cost and gradients: the target, the reference and the policy inputs each take one encoder call of
+2B samples (the same batch shape, so equal predictions give bit-equal errors); only the policy's
+keeps autograd. Gradients reach ``policy_pred`` through the encoder's activations; the encoder's
+weights must be frozen (checked) and get none. With LoRA the encoder is the same U-Net with its
+adapters disabled (the default ``encoder_context``): no copy of the U-Net. ``checkpoint_encoder``
+recomputes the policy's encoder pass in backward block by block (diffusers' resnet /
+transformer-block checkpointing), each recompute with the adapters disabled again; the U-Net's own
+checkpointing setting never applies to the encoder pass.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..lora import adapters_disabled
+from . import precision
 from .latent import prediction_target, prediction_type
 
 TIMESTEP_MODES = ("t-1", "uniform", "same")
@@ -63,12 +70,27 @@ class NCPConfig:
         default=False,
         metadata={"help": "recompute the policy's encoder pass block by block in backward (less memory, more time)"},
     )
+    precision: str = field(
+        default="auto",
+        metadata={"help": "how the nearly equal encoder inputs are compared: scaled (difference magnified to "
+                          "rms scale_rms, correct in bf16/fp16/TF32), fp32 (exact, ~7x slower on a GPU), native "
+                          "(as computed: exact only in full fp32), auto (native where exact, else scaled)",
+                  "choices": list(precision.METHODS)},
+    )
+    scale_rms: float = field(
+        default=0.1,
+        metadata={"help": "precision 'scaled': the rms each input difference is magnified to"},
+    )
 
     def __post_init__(self):
         if self.timestep_mode not in TIMESTEP_MODES:
             raise ValueError(f"timestep_mode must be one of {TIMESTEP_MODES}, got {self.timestep_mode!r}")
         if self.layers not in LAYERS:
             raise ValueError(f"layers must be one of {LAYERS}, got {self.layers!r}")
+        if self.precision not in precision.METHODS:
+            raise ValueError(f"precision must be one of {precision.METHODS}, got {self.precision!r}")
+        if not self.scale_rms > 0:
+            raise ValueError(f"scale_rms must be > 0, got {self.scale_rms}")
 
 
 def _base(unet):
@@ -92,6 +114,7 @@ def encoder_features(
         raise NotImplementedError("NCP features: U-Nets with class embeddings or image hints are not supported")
     added_cond_kwargs = added_cond_kwargs or {}
     sample = sample.to(unet.conv_in.weight.dtype)
+    encoder_hidden_states = encoder_hidden_states.to(sample.dtype)
     if unet.config.center_input_sample:
         sample = 2 * sample - 1.0
 
@@ -129,6 +152,18 @@ def _per_sample(values: torch.Tensor, timesteps: torch.Tensor, like: torch.Tenso
     return values.to(like.device)[timesteps].float().view(-1, *([1] * (like.ndim - 1)))
 
 
+def _x0_eps_coefficients(scheduler, timesteps, like) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k_x, k_e): how x0_hat and eps_hat move per unit of the prediction, x0_and_eps being affine in it."""
+    abar = _per_sample(scheduler.alphas_cumprod, timesteps, like)
+    a, s = abar**0.5, (1 - abar) ** 0.5
+    kind = prediction_type(scheduler)
+    if kind == "epsilon":
+        return -s / a, torch.ones_like(a)
+    if kind == "v_prediction":
+        return -s, a
+    return torch.ones_like(a), -a / s
+
+
 def x0_and_eps(scheduler, model_output, x_t, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0_hat, eps_hat) implied by a prediction of the scheduler's prediction type, float32."""
     abar = _per_sample(scheduler.alphas_cumprod, timesteps, x_t)
@@ -153,43 +188,76 @@ def _check_scheduler(scheduler):
         raise ValueError(f"NCP supports variance_type fixed_small or fixed_large, got {cfg.variance_type!r}")
 
 
-def posterior_step(scheduler, model_output, x_t, timesteps, variance_noise) -> torch.Tensor:
-    """x_{t'} with t' = max(t - 1, 0) per sample: ``DDPMScheduler.step`` batched over per-sample t with
-    the given variance noise, except that t = 0 maps to x_t itself (identity), in float32."""
-    _check_scheduler(scheduler)
-    t = timesteps
-    abar_t = _per_sample(scheduler.alphas_cumprod, t, x_t)
-    abar_prev = _per_sample(scheduler.alphas_cumprod, (t - 1).clamp_min(0), x_t)
+def _posterior_coefficients(scheduler, timesteps, like):
+    """(c_x0, c_xt, sigma) of the DDPM posterior q(x_{t-1} | x_t, x0) (DDPM eq. 7) per sample."""
+    abar_t = _per_sample(scheduler.alphas_cumprod, timesteps, like)
+    abar_prev = _per_sample(scheduler.alphas_cumprod, (timesteps - 1).clamp_min(0), like)
     alpha_t = abar_t / abar_prev
     beta_t = 1 - alpha_t
-    x0_hat, _ = x0_and_eps(scheduler, model_output, x_t, t)
-    # posterior mean, DDPM eq. 7
-    mean = (abar_prev**0.5 * beta_t) / (1 - abar_t) * x0_hat + alpha_t**0.5 * (1 - abar_prev) / (1 - abar_t) * x_t.float()
+    c_x0 = (abar_prev**0.5 * beta_t) / (1 - abar_t)
+    c_xt = alpha_t**0.5 * (1 - abar_prev) / (1 - abar_t)
     if scheduler.config.variance_type == "fixed_small":
         variance = torch.clamp((1 - abar_prev) / (1 - abar_t) * beta_t, min=1e-20)
     else:
         variance = beta_t
-    x_prev = mean + variance**0.5 * variance_noise.float()
-    at_zero = (t == 0).view(-1, *([1] * (x_t.ndim - 1)))
+    return c_x0, c_xt, variance**0.5
+
+
+def posterior_step(scheduler, model_output, x_t, timesteps, variance_noise) -> torch.Tensor:
+    """x_{t'} with t' = max(t - 1, 0) per sample: ``DDPMScheduler.step`` batched over per-sample t with
+    the given variance noise, except that t = 0 maps to x_t itself (identity), in float32."""
+    _check_scheduler(scheduler)
+    c_x0, c_xt, sigma = _posterior_coefficients(scheduler, timesteps, x_t)
+    x0_hat, _ = x0_and_eps(scheduler, model_output, x_t, timesteps)
+    x_prev = c_x0 * x0_hat + c_xt * x_t.float() + sigma * variance_noise.float()
+    at_zero = (timesteps == 0).view(-1, *([1] * (x_t.ndim - 1)))
     return torch.where(at_zero, x_t.float(), x_prev)
+
+
+def ncp_gain(scheduler, timestep_mode, timesteps, t_prime, like) -> torch.Tensor:
+    """Per-sample g with x'_pred - x'_true = g * (prediction - target): every mode's x' is affine in the
+    prediction. Computing the difference this way keeps it exact in float32 (no cancellation)."""
+    k_x, k_e = _x0_eps_coefficients(scheduler, timesteps, like)
+    if timestep_mode == "t-1":
+        _check_scheduler(scheduler)
+        c_x0, _, _ = _posterior_coefficients(scheduler, timesteps, like)
+        return torch.where((timesteps == 0).view(k_x.shape), 0.0, c_x0 * k_x)
+    abar_prime = _per_sample(scheduler.alphas_cumprod, t_prime, like)
+    if timestep_mode == "uniform":
+        return abar_prime**0.5 * k_x + (1 - abar_prime) ** 0.5 * k_e
+    if timestep_mode == "same":
+        return abar_prime**0.5 * k_x
+    raise ValueError(f"timestep_mode must be one of {TIMESTEP_MODES}, got {timestep_mode!r}")
+
+
+def ncp_target(scheduler, timestep_mode, *, x0, x_t, noise, timesteps, variance_noise=None, t_prime=None):
+    """(t', x'_true): the noise level the encoder looks at and the true target's input there, float32."""
+    if timestep_mode == "t-1":
+        target = prediction_target(scheduler, x0, noise, timesteps)
+        return (timesteps - 1).clamp_min(0), posterior_step(scheduler, target, x_t, timesteps, variance_noise)
+    if timestep_mode == "same":
+        t_prime = timesteps
+    elif timestep_mode != "uniform":
+        raise ValueError(f"timestep_mode must be one of {TIMESTEP_MODES}, got {timestep_mode!r}")
+    return t_prime, scheduler.add_noise(x0.float(), noise.float(), t_prime)
+
+
+def ncp_differences(scheduler, timestep_mode, *, x0, noise, timesteps, t_prime, predictions) -> list[torch.Tensor]:
+    """x'_pred - x'_true for each prediction, float32 (the policy's keeps its autograd graph)."""
+    target = prediction_target(scheduler, x0, noise, timesteps).float()
+    gain = ncp_gain(scheduler, timestep_mode, timesteps, t_prime, target)
+    return [gain * (p.float() - target) for p in predictions]
 
 
 def ncp_inputs(
     scheduler, timestep_mode, *, x0, x_t, noise, timesteps, predictions, variance_noise=None, t_prime=None
 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-    """(t', [x_t' of each prediction], x_t' of the true target): the encoder inputs, float32."""
-    preds = [*predictions, prediction_target(scheduler, x0, noise, timesteps)]
-    if timestep_mode == "t-1":
-        t_prime = (timesteps - 1).clamp_min(0)
-        inputs = [posterior_step(scheduler, p, x_t, timesteps, variance_noise) for p in preds]
-    elif timestep_mode == "uniform":
-        inputs = [scheduler.add_noise(*x0_and_eps(scheduler, p, x_t, timesteps), t_prime) for p in preds]
-    elif timestep_mode == "same":
-        t_prime = timesteps
-        inputs = [scheduler.add_noise(x0_and_eps(scheduler, p, x_t, timesteps)[0], noise.float(), t_prime) for p in preds]
-    else:
-        raise ValueError(f"timestep_mode must be one of {TIMESTEP_MODES}, got {timestep_mode!r}")
-    return t_prime, inputs[:-1], inputs[-1]
+    """(t', [x'_pred of each prediction], x'_true): the exact encoder inputs, float32."""
+    t_prime, target = ncp_target(scheduler, timestep_mode, x0=x0, x_t=x_t, noise=noise, timesteps=timesteps,
+                                 variance_noise=variance_noise, t_prime=t_prime)
+    diffs = ncp_differences(scheduler, timestep_mode, x0=x0, noise=noise, timesteps=timesteps, t_prime=t_prime,
+                            predictions=predictions)
+    return t_prime, [target + d for d in diffs], target
 
 
 @contextmanager
@@ -225,15 +293,16 @@ def _recompute_under(context_of):
 
 
 def _repeat_batch(x: torch.Tensor, copies: int = 2) -> torch.Tensor:
-    """``copies`` copies of x along the batch: a pair's draw for winners and losers, or conditioning."""
+    """``copies`` copies of x along the batch: a pair's draw for winners and losers."""
     return torch.cat([x] * copies)
 
 
-def _feature_errors(features, targets, scales) -> torch.Tensor:
-    per_level = [
-        (f.float() - g.float()).pow(2).mean(dim=tuple(range(1, f.ndim))) / s for f, g, s in zip(features, targets, scales)
-    ]
-    return torch.stack(per_level).mean(0)
+def _encoder_modules(unet, layers: str) -> list[torch.nn.Module]:
+    """The U-Net submodules an encoder pass runs (what the "fp32" precision upcasts)."""
+    unet = _base(unet)
+    names = ["conv_in", "time_embedding", "add_embedding", "encoder_hid_proj", "down_blocks"]
+    names += ["mid_block"] if layers == "mid" else []
+    return [m for m in (getattr(unet, n, None) for n in names) if m is not None]
 
 
 def ncp_errors(
@@ -261,6 +330,7 @@ def ncp_errors(
     default ``lambda: adapters_disabled(encoder)`` (a no-op without LoRA). Random draws: the "t-1"
     variance noise (B, C, H, W) and the "uniform" t' (B,) come from ``generator`` (one per pair,
     repeated for the losers) unless ``variance_noise`` (2B, C, H, W) / ``t_prime`` (2B,) are given.
+    Precision: ``config.precision`` (see ``ncppo.spaces.precision``).
     """
     config = config or NCPConfig()
     n = x_t.shape[0]
@@ -269,6 +339,11 @@ def ncp_errors(
             f"ncp_errors wants 2B samples (winners then losers): x_t {tuple(x_t.shape)}, "
             f"timesteps {tuple(timesteps.shape)}, policy_pred {tuple(policy_pred.shape)}"
         )
+    context = encoder_context or (lambda: adapters_disabled(encoder))
+    with context():
+        trainable = [name for name, p in encoder.named_parameters() if p.requires_grad]
+    if trainable:
+        raise ValueError(f"the NCP encoder must be frozen, but {len(trainable)} weights require grad, e.g. {trainable[0]}")
     device = generator.device if generator is not None else x_t.device
     if config.timestep_mode == "t-1":
         if variance_noise is None:
@@ -284,45 +359,36 @@ def ncp_errors(
             raise ValueError(f"t_prime must have shape ({n},), got {tuple(t_prime.shape)}")
         t_prime = t_prime.to(x_t.device)
     predictions = [policy_pred] + ([] if reference_pred is None else [reference_pred])
-    t_prime, inputs, target = ncp_inputs(
-        scheduler, config.timestep_mode, x0=x0, x_t=x_t, noise=noise, timesteps=timesteps,
-        predictions=predictions, variance_noise=variance_noise, t_prime=t_prime,
-    )  # fmt: skip
+    t_prime, target = ncp_target(scheduler, config.timestep_mode, x0=x0, x_t=x_t, noise=noise, timesteps=timesteps,
+                                 variance_noise=variance_noise, t_prime=t_prime)
+    differences = ncp_differences(scheduler, config.timestep_mode, x0=x0, noise=noise, timesteps=timesteps,
+                                  t_prime=t_prime, predictions=predictions)
 
-    context = encoder_context or (lambda: adapters_disabled(encoder))
-    added = added_cond_kwargs or {}
+    exact_modules = _encoder_modules(encoder, config.layers)
+    method = precision.resolve_method(config.precision, exact_modules, x_t.device)
+    # Checkpointing recomputes each resnet / transformer block in backward, when the adapters are
+    # enabled again (and the fp32 weight copies are gone), so each recompute re-enters both itself.
+    frozen = adapters_disabled if encoder_context is None else (lambda m: encoder_context())
+    if method == "fp32":
+        recompute_context = lambda m: _both(frozen(m), precision.float32_weights([m], x_t.device.type))  # noqa: E731
+    else:
+        recompute_context = frozen
+    recompute = _recompute_under(recompute_context) if config.checkpoint_encoder and torch.is_grad_enabled() else None
 
-    def features(x, copies=1):  # the encoder at t', conditioned like the batch (repeated `copies` times)
-        cond = _repeat_batch(encoder_hidden_states, copies)
-        added_cond = {k: _repeat_batch(v, copies) for k, v in added.items()}
-        return encoder_features(encoder, x, _repeat_batch(t_prime, copies), cond, added_cond, config.layers)
+    def encode(x, with_grad):  # the frozen encoder at t', conditioned like the batch
+        args = (encoder, x, t_prime, encoder_hidden_states, added_cond_kwargs, config.layers)
+        if not with_grad:
+            with context(), torch.no_grad():
+                return encoder_features(*args)
+        with context(), _block_checkpointing(_base(encoder), recompute):
+            return encoder_features(*args)
 
-    # reference and target: one batched call, no autograd
-    with context(), torch.no_grad():
-        trainable = [name for name, p in encoder.named_parameters() if p.requires_grad]
-        if trainable:
-            raise ValueError(f"the NCP encoder must be frozen, but {len(trainable)} weights require grad, e.g. {trainable[0]}")
-        fixed = [level.chunk(len(inputs)) for level in features(torch.cat(inputs[1:] + [target]), len(inputs))]
-    target_features = [level[-1] for level in fixed]
+    errors = precision.feature_errors(encode, target, differences, method=method, scale_rms=config.scale_rms,
+                                      normalize_levels=config.layers == "multi", exact_modules=exact_modules)
+    return errors[0], (errors[1] if reference_pred is not None else None)
 
-    # policy: its own call with autograd. Checkpointing recomputes each resnet / transformer block in
-    # backward, when the adapters are enabled again, so each recompute disables them itself (only that
-    # block's: cheap) or enters the caller's encoder context.
-    recompute = None
-    if config.checkpoint_encoder and torch.is_grad_enabled():
-        recompute = _recompute_under(adapters_disabled if encoder_context is None else (lambda m: encoder_context()))
-    with context(), _block_checkpointing(_base(encoder), recompute):
-        policy_features = features(inputs[0])
 
-    scales = [g.float().var().clamp_min(1e-12) for g in target_features] if config.layers == "multi" else [1.0]
-    policy_errors = _feature_errors(policy_features, target_features, scales)
-    reference_errors = None
-    if reference_pred is not None:
-        reference_errors = _feature_errors([level[0] for level in fixed], target_features, scales)
-    if config.timestep_mode == "t-1":
-        # identity step at t = 0: all inputs are x_t; make the 0 exact (batch sizes may round differently)
-        identity = timesteps == 0
-        policy_errors = torch.where(identity, 0.0, policy_errors)
-        if reference_errors is not None:
-            reference_errors = torch.where(identity, 0.0, reference_errors)
-    return policy_errors, reference_errors
+@contextmanager
+def _both(first, second):
+    with first, second:
+        yield
