@@ -1,0 +1,61 @@
+"""A whole pipeline with the trained weights in it: the base pipeline, the LoRA fused into its
+U-Net (or a full fine-tune's U-Net in its place), saved with `save_pretrained` (safetensors).
+
+The base pipeline is loaded whole (`DiffusionPipeline.from_pretrained`), so every component it
+ships (safety checker, feature extractor, scheduler config) is kept; the run's separate `--vae`
+(e.g. the fp16-fix SDXL VAE) replaces the pipeline's VAE, since that is the VAE the run trained
+and validated with. Fusing happens in float32; the result is then cast to `dtype`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from .files import atomic_path
+
+
+def merged_pipeline(run):
+    """The base pipeline of RUN (float32, CPU) with the trained weights merged in."""
+    from diffusers import DiffusionPipeline
+
+    c = run.config
+    with warnings.catch_warnings():  # diffusers >= 0.36 renamed torch_dtype to dtype; older ones know only torch_dtype
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        pipe = DiffusionPipeline.from_pretrained(run.model, revision=c.get("revision"), variant=c.get("variant"),
+                                                 torch_dtype=torch.float32)
+        if c.get("vae"):
+            pipe.vae = _vae(type(pipe.vae), c["vae"], c.get("revision"))
+        component = run.adapter_class.lora_component
+        if run.full_unet is not None:
+            denoiser = type(getattr(pipe, component)).from_pretrained(run.full_unet, torch_dtype=torch.float32)
+            pipe.register_modules(**{component: denoiser})
+            return pipe
+    from .diffusers_format import save_diffusers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = save_diffusers(run, Path(tmp) / "lora.safetensors")
+        pipe.load_lora_weights(str(weights), adapter_name="ncppo")
+    pipe.fuse_lora(components=[component], adapter_names=["ncppo"])
+    pipe.unload_lora_weights()  # drops the LoRA layers; the fused weights stay
+    return pipe
+
+
+def save_merged(run, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write the merged pipeline to the folder `out` in `dtype`; `from_pretrained(out)` loads it."""
+    pipe = merged_pipeline(run)
+    if dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    with atomic_path(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return Path(out)
+
+
+def _vae(cls, vae: str, revision: str | None):
+    """The VAE named by the run's --vae: a hub id or folder holding it, or a pipeline with vae/."""
+    local = Path(vae)
+    subfolder = "vae" if local.is_dir() and not (local / "config.json").exists() else None
+    return cls.from_pretrained(vae, subfolder=subfolder, revision=revision, torch_dtype=torch.float32)
