@@ -31,6 +31,10 @@ class TrainConfig:
                            "encoder's noise-conditioned perceptual space).", choices=SPACE_CHOICES)
     beta: float = option(2500.0, "Preference temperature, ncppo convention: logits = beta * (d_ref - d_theta). "
                              "Official Diffusion-DPO beta_dpo=5000 equals 2500 here (see README).")
+    beta_normalize: bool = option(False, "Divide --beta by the mean reference error measured on the first "
+                                         "--beta-normalize-batches micro-batches, then frozen (kept in checkpoints, logged in "
+                                         "the manifest), so one --beta means the same in latent and NCP space; see docs/study.md.")
+    beta_normalize_batches: int = option(8, "Micro-steps (each all processes together) whose errors set the --beta-normalize scale.")
     cpo_lambda: float = option(0.0, "CPO: weight of the winner-error (SFT) term of eq. 19; 0 drops it.")
     orpo_lambda: float = option(0.1, "ORPO: weight of the odds-ratio term beside the winner's error.")
     timestep_mode: str = option("t-1", "NCP: where the encoder looks: t-1 (one DDPM posterior step), uniform "
@@ -40,6 +44,13 @@ class TrainConfig:
                                  "multi (conv_in and every down level, equally weighted).",
                          choices=("down", "mid", "multi"))
     checkpoint_encoder: bool = option(False, "NCP: recompute the policy's encoder pass in backward (less memory).")
+    ncp_precision: str = option("auto", "NCP: how the nearly equal encoder inputs are compared. scaled: each input "
+                                   "difference magnified to rms --ncp-scale-rms, error divided back (correct in bf16/fp16/TF32, "
+                                   "~2%% off exact, same cost); fp32: exact fp32 encoder passes (~7x slower on a GPU); native: "
+                                   "as computed (exact only in full fp32, rounding noise in bf16); auto: native where exact "
+                                   "(fp32 weights, no autocast, CPU or TF32 off), else scaled.",
+                                choices=("auto", "scaled", "fp32", "native"))
+    ncp_scale_rms: float = option(0.1, "NCP: rms the input difference is magnified to by --ncp-precision scaled.")
 
     # --- parameters ----------------------------------------------------------------------------
     finetune: str = option("lora", "lora: LoRA adapters, reference = same U-Net with adapters off; full: all U-Net "
@@ -110,7 +121,7 @@ class TrainConfig:
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
         positive = ("max_steps", "batch_size", "gradient_accumulation_steps", "resolution", "lora_rank",
-                    "sample_steps", "log_every", "max_nonfinite")
+                    "sample_steps", "log_every", "max_nonfinite", "beta_normalize_batches")
         for name in positive:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -121,6 +132,8 @@ class TrainConfig:
             raise ConfigError(f"--resolution must be a multiple of 8, got {self.resolution}")
         if not self.learning_rate > 0:
             raise ConfigError(f"--learning-rate must be > 0, got {self.learning_rate}")
+        if not self.ncp_scale_rms > 0:
+            raise ConfigError(f"--ncp-scale-rms must be > 0, got {self.ncp_scale_rms}")
         if not self.beta > 0:
             raise ConfigError(f"--beta must be > 0, got {self.beta}")
         for name in ("cpo_lambda", "orpo_lambda"):

@@ -80,7 +80,8 @@ def train(config: TrainConfig) -> TrainResult:
 
     weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
     adapter = load_model(config.model, family=config.family, vae=config.vae, revision=config.revision,
-                         variant=config.variant, weight_dtype=weight_dtype, device=accelerator.device)
+                         variant=config.variant, weight_dtype=weight_dtype, device=accelerator.device,
+                         lazy_encoders=bool(getattr(dataset, "use_text", False)))  # cached latents + text: unused
     unet, reference = _trainable_unet(adapter, config, weight_dtype, accelerator.device)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -116,7 +117,9 @@ def train(config: TrainConfig) -> TrainResult:
     if accelerator.is_main_process:
         accelerator.init_trackers("ncppo", config={k: str(v) for k, v in vars(config).items()})
     ncp = NCPConfig(timestep_mode=config.timestep_mode, layers=config.ncp_layers,
-                    checkpoint_encoder=config.checkpoint_encoder)
+                    checkpoint_encoder=config.checkpoint_encoder, precision=config.ncp_precision,
+                    scale_rms=config.ncp_scale_rms)
+    beta_scale = _beta_scale(config, accelerator, state.get("beta_scale"))
     validation = ValidationHook(config, adapter, accelerator)
     evaluation = EvalHook(config, adapter, accelerator, history=state["eval_history"])
     if state["step"] == 0:
@@ -146,7 +149,10 @@ def train(config: TrainConfig) -> TrainResult:
                 out_step = preference_step(adapter, unet, reference, batch, objective=config.objective,
                                            space=config.space, beta=config.beta, cpo_lambda=config.cpo_lambda,
                                            orpo_lambda=config.orpo_lambda,
-                                           ncp=ncp, generator=generator, resolution=resolution)
+                                           ncp=ncp, generator=generator, resolution=resolution,
+                                           beta_scale=beta_scale)
+                if beta_scale is not None:
+                    state["beta_scale"] = beta_scale.state_dict()
                 loss_ok = _all_processes(accelerator, bool(torch.isfinite(out_step.loss)))
                 if loss_ok:
                     accelerator.backward(out_step.loss)
@@ -216,7 +222,7 @@ def train(config: TrainConfig) -> TrainResult:
                        data=describe(dataset, config), nonfinite_skipped=state["nonfinite_skipped"],
                        skipped_rows={"count": len(skipped), "rows": skipped[:1000]},
                        final_metrics=state.get("last_metrics", {}), eval_history=state["eval_history"],
-                       weights=str(weights_path))
+                       weights=str(weights_path), beta_normalization=_beta_record(config, beta_scale))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(out, Path(weights_path), state["step"], state.get("last_metrics", {}),
@@ -247,6 +253,29 @@ def _trainable_unet(adapter, config: TrainConfig, weight_dtype, device):
     reference.requires_grad_(False).eval().to(device)
     unet.to(torch.float32).requires_grad_(True)
     return unet, Reference(reference)
+
+
+def _beta_scale(config: TrainConfig, accelerator, saved: dict | None):
+    """--beta-normalize: the error scale (summed over processes), restored from a resumed state."""
+    if not config.beta_normalize:
+        return None
+    from ..objectives import BetaScale
+
+    multi = accelerator.num_processes > 1
+    scale = BetaScale(config.beta_normalize_batches,
+                      reduce=(lambda t: accelerator.reduce(t, reduction="sum")) if multi else None)
+    if saved:
+        scale.load_state_dict(saved)
+    return scale
+
+
+def _beta_record(config: TrainConfig, scale) -> dict | None:
+    """The manifest's account of a normalised beta: the measured scale and the beta it gave."""
+    if scale is None:
+        return None
+    value = scale.value
+    return dict(beta=config.beta, error_scale=value, effective_beta=config.beta / value if value else None,
+                frozen=scale.frozen, **scale.state_dict())
 
 
 def _optimizer(config: TrainConfig, params, lr):
