@@ -223,6 +223,9 @@ def train(config: TrainConfig) -> TrainResult:
                        skipped_rows={"count": len(skipped), "rows": skipped[:1000]},
                        final_metrics=state.get("last_metrics", {}), eval_history=state["eval_history"],
                        weights=str(weights_path), beta_normalization=_beta_record(config, beta_scale))
+        from ..publish.card import write_training_card
+
+        write_training_card(out, family=adapter.family)  # README.md: the Hub model card, from the manifest
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(out, Path(weights_path), state["step"], state.get("last_metrics", {}),
