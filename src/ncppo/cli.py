@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "ncppo.data.commands",  # data check | curate | cache
     "ncppo.toy.commands",  # demo, toy build | data | tune
     "ncppo.sbs.commands",  # sbs serve | results | export
+    "ncppo.publish.commands",  # export (kohya, diffusers, merged; model card)
 )
 
 
