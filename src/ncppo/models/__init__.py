@@ -1,39 +1,101 @@
-"""Model families. `load_model` picks the adapter from the pipeline's model_index.json."""
+"""Model families. `load_model` picks the adapter from the pipeline's model_index.json.
+
+Loading failures a user can cause (a missing or partial model folder, a hub id that cannot be
+fetched, another kind of pipeline) raise `ncppo.errors.InputError` naming the flag and the part.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
+from ..errors import InputError, MissingInputError
 from .base import Conditioning, ModelAdapter
 from .sd import SDAdapter
 from .sdxl import SDXLAdapter
 
 FAMILIES = {"sd": SDAdapter, "sdxl": SDXLAdapter}
+# Subfolders a family's adapter loads (text_encoder*/tokenizer* are added from model_index.json).
+NEEDED_PARTS = ("unet", "vae", "scheduler")
+
+
+def looks_like_path(name: str) -> bool:
+    """True for what cannot be a hub id ("org/name"): ./x, /x, ~/x, a/b/c, an existing path."""
+    return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def check_pipeline_folder(model: str, *, flag: str = "--model", vae: str | None = None) -> None:
+    """For a local `model`: fail early, naming the part, if it is not a complete diffusers pipeline
+    folder (model_index.json, and a config in every subfolder the adapter loads). Hub ids pass."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        if looks_like_path(model):
+            raise MissingInputError(f"{flag} {model}: no such folder")
+        return
+    if not path.is_dir():
+        raise InputError(f"{flag} {model}: a file; expected a diffusers pipeline folder (save_pretrained) or hub id")
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise MissingInputError(f"{flag} {model}: not a diffusers pipeline folder (no model_index.json)")
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{flag} {model}: model_index.json is unreadable ({err})") from None
+    parts = [p for p in NEEDED_PARTS if not (p == "vae" and vae)]
+    parts += [k for k, v in index.items() if k.startswith(("text_encoder", "tokenizer")) and v and v[0]]
+    for part in parts:
+        folder = path / part
+        if not folder.is_dir():
+            raise MissingInputError(f"{flag} {model}: partial pipeline folder: {part}/ is missing")
+        if not any(f.is_file() for f in folder.iterdir()):
+            raise MissingInputError(f"{flag} {model}: partial pipeline folder: {part}/ is empty")
 
 
 def detect_family(model: str, revision: str | None = None) -> str:
     """"sdxl" if the pipeline has a second text encoder, else "sd" (SD1.x/2.x)."""
     from diffusers import DiffusionPipeline
 
-    index = DiffusionPipeline.load_config(model, revision=revision)
+    try:
+        index = DiffusionPipeline.load_config(model, revision=revision)
+    except (OSError, ValueError) as err:
+        raise InputError(f"--model {model}: cannot read the pipeline's model_index.json ({_first_line(err)})") from err
     name = index.get("_class_name", "")
     if "text_encoder_2" in index or "XL" in name:
         return "sdxl"
     if name and not name.startswith("StableDiffusion"):
-        raise ValueError(f"--model {model}: unsupported pipeline class {name!r} (expected SD1.x/2.x or SDXL)")
+        raise InputError(f"--model {model}: unsupported pipeline class {name!r} (supported: SD1.x/2.x "
+                         "StableDiffusionPipeline and SDXL StableDiffusionXLPipeline)")
     return "sd"
 
 
 def load_model(model: str, *, family: str = "auto", vae: str | None = None, revision: str | None = None,
                variant: str | None = None, weight_dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> ModelAdapter:
-    """Load a diffusers SD1.x/2.x or SDXL pipeline (hub id or local folder) as a `ModelAdapter`."""
+               device: str | torch.device = "cpu", lazy_encoders: bool = False) -> ModelAdapter:
+    """Load a diffusers SD1.x/2.x or SDXL pipeline (hub id or local folder) as a `ModelAdapter`.
+
+    `lazy_encoders` defers loading the VAE and text encoders to their first use (training from a
+    latent cache holding text embeddings never uses them; validation images do).
+    """
+    model = str(model)
+    check_pipeline_folder(model, vae=vae)
+    if vae and not Path(vae).expanduser().exists() and looks_like_path(vae):
+        raise MissingInputError(f"--vae {vae}: no such folder")
     if family == "auto":
         family = detect_family(model, revision)
     if family not in FAMILIES:
-        raise ValueError(f"--family must be one of {['auto', *FAMILIES]}, got {family!r}")
-    return FAMILIES[family].from_pretrained(model, vae=vae, revision=revision, variant=variant,
-                                            weight_dtype=weight_dtype, device=device)
+        raise InputError(f"--family must be one of {['auto', *FAMILIES]}, got {family!r}")
+    try:
+        return FAMILIES[family].from_pretrained(model, vae=vae, revision=revision, variant=variant,
+                                                weight_dtype=weight_dtype, device=device, lazy_encoders=lazy_encoders)
+    except OSError as err:  # diffusers/transformers: missing or unreadable weight files, unreachable hub ids
+        raise InputError(f"--model {model}: cannot load ({_first_line(err)})") from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 __all__ = ["Conditioning", "ModelAdapter", "SDAdapter", "SDXLAdapter", "FAMILIES", "detect_family", "load_model"]

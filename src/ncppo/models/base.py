@@ -44,41 +44,94 @@ class ModelAdapter:
     def __init__(self, model_path: str, unet, vae, text_encoders, tokenizers, noise_scheduler, sample_scheduler):
         self.model_path = model_path
         self.unet = unet
-        self.vae = vae
-        self.text_encoders = list(text_encoders)
-        self.tokenizers = list(tokenizers)
+        self._vae = vae
+        self._text_encoders = list(text_encoders)
+        self._tokenizers = list(tokenizers)
         self.noise_scheduler = noise_scheduler  # DDPM, used for the forward process and NCP steps
         self.sample_scheduler = sample_scheduler  # the pipeline's own scheduler, for sampling
+        self._deferred: dict | None = None  # how to load the VAE and text side on first use
+
+    # The VAE and the text side load on first use when `from_pretrained(..., lazy_encoders=True)`:
+    # training from a latent cache that holds text embeddings never touches them.
+    @property
+    def vae(self):
+        self.load_encoders()
+        return self._vae
+
+    @vae.setter
+    def vae(self, value):
+        self._vae = value
+
+    @property
+    def text_encoders(self) -> list:
+        self.load_encoders()
+        return self._text_encoders
+
+    @text_encoders.setter
+    def text_encoders(self, value):
+        self._text_encoders = list(value)
+
+    @property
+    def tokenizers(self) -> list:
+        self.load_encoders()
+        return self._tokenizers
+
+    @tokenizers.setter
+    def tokenizers(self, value):
+        self._tokenizers = list(value)
+
+    @property
+    def encoders_loaded(self) -> bool:
+        return self._deferred is None
+
+    def load_encoders(self) -> None:
+        """Load the deferred VAE and text encoders/tokenizers (onto the U-Net's device); a no-op
+        once loaded."""
+        if self._deferred is None:
+            return
+        d, self._deferred = self._deferred, None
+        from diffusers import AutoencoderKL
+
+        dtype, common = d["weight_dtype"], dict(revision=d["revision"])
+        self._vae = _load_vae(d["vae"], d["revision"], dtype) if d["vae"] else AutoencoderKL.from_pretrained(
+            d["model"], subfolder="vae", variant=d["variant"], torch_dtype=dtype, **common)
+        encoders, tokenizers = self._load_text_components(d["model"], variant=d["variant"], dtype=dtype, **common)
+        for module in [self._vae, *encoders]:
+            module.requires_grad_(False)
+            module.eval()
+            module.to(device=self.unet.device)
+        self._text_encoders, self._tokenizers = list(encoders), list(tokenizers)
 
     # ----- loading -------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, model: str, *, vae: str | None = None, revision: str | None = None,
                         variant: str | None = None, weight_dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> "ModelAdapter":
+                        device: str | torch.device = "cpu", lazy_encoders: bool = False) -> "ModelAdapter":
         """Load every component of the pipeline `model` (hub id or local folder).
 
         `vae` optionally names another AutoencoderKL (hub id or folder, e.g. the fp16-fix SDXL
         VAE). Frozen components are put in `weight_dtype`; nothing requires grad on return.
+        `lazy_encoders` defers the VAE and the text encoders/tokenizers to their first use.
         """
         import diffusers
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from diffusers import DDPMScheduler, UNet2DConditionModel
 
         common = dict(revision=revision)
         unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", variant=variant,
                                                     torch_dtype=weight_dtype, **common)
-        vae_model = _load_vae(vae, revision, weight_dtype) if vae else AutoencoderKL.from_pretrained(
-            model, subfolder="vae", variant=variant, torch_dtype=weight_dtype, **common)
-        text_encoders, tokenizers = cls._load_text_components(model, variant=variant, dtype=weight_dtype, **common)
         noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", **common)
         sched_name = diffusers.DiffusionPipeline.load_config(model, revision=revision).get("scheduler", [None, None])[1]
         sched_cls = getattr(diffusers, sched_name or "DDIMScheduler", diffusers.DDIMScheduler)
         sample_scheduler = sched_cls.from_pretrained(model, subfolder="scheduler", **common)
 
-        for module in [unet, vae_model, *text_encoders]:
-            module.requires_grad_(False)
-            module.eval()
-            module.to(device=device)
-        return cls(str(model), unet, vae_model, text_encoders, tokenizers, noise_scheduler, sample_scheduler)
+        unet.requires_grad_(False)
+        unet.eval()
+        unet.to(device=device)
+        adapter = cls(str(model), unet, None, [], [], noise_scheduler, sample_scheduler)
+        adapter._deferred = dict(model=model, vae=vae, revision=revision, variant=variant, weight_dtype=weight_dtype)
+        if not lazy_encoders:
+            adapter.load_encoders()
+        return adapter
 
     @classmethod
     def _load_text_components(cls, model, **kwargs):
