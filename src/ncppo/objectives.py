@@ -36,6 +36,15 @@ p = exp(ll) is a probability), its log odds ``ll - log(1 - exp(ll))``; ORPO (Hon
 adds the odds-ratio term to the winner's negative log-likelihood ``beta * pol_w``. Lowering the
 winner's error lowers both terms (the research code had the odds term's sign inverted).
 
+Normalised temperature (``--beta-normalize``)
+---------------------------------------------
+Errors differ by orders of magnitude between spaces (toy world, mean reference error: latent
+3e-2, NCP ``t-1``/down 3e-6, NCP ``uniform`` 9e-2), so a raw beta tuned in one space means
+nothing in another. ``BetaScale`` measures the mean reference error (the policy's own, detached,
+for reference-free objectives) over the first micro-batches of a run and then freezes it; the
+objective then uses ``beta / scale``, i.e. ``logits = beta * h / scale`` with ``h`` in units of
+the typical error. The scale is part of the trainer state, so a resumed run uses the same one.
+
 Metrics (detached scalars): ``implicit_acc`` (fraction of pairs with logits > 0, ties count
 half), ``reward_margin`` (mean h = mean logits / beta, in error units, so it is comparable across
 betas), ``policy_err_w``/``policy_err_l`` and, with a reference, ``ref_err_w``/``ref_err_l``.
@@ -61,6 +70,49 @@ BETA_CONVENTIONS = {
     "diffusion-dpo": 0.5,  # official Diffusion-DPO: -0.5 * beta_dpo * (model_diff - ref_diff)
     "diffusers-sdxl": 0.5,  # diffusers SDXL DPO script: same 0.5 factor
 }
+
+
+class BetaScale:
+    """The frozen error scale of a normalised beta: the running mean of the errors of the first
+    `batches` micro-batches (all processes together when `reduce` sums a tensor across them),
+    then fixed. `observe(errors)` returns the scale to divide beta by for the current batch
+    (the running mean so far, this batch included)."""
+
+    def __init__(self, batches: int = 8, reduce=None):
+        if batches < 1:
+            raise ValueError(f"batches must be >= 1, got {batches}")
+        self.batches, self.reduce = batches, reduce
+        self.total, self.count, self.seen = 0.0, 0, 0
+
+    @property
+    def frozen(self) -> bool:
+        return self.seen >= self.batches
+
+    @property
+    def value(self) -> float | None:
+        """The current scale (None before any finite batch was seen)."""
+        return self.total / self.count if self.count and self.total > 0 else None
+
+    def observe(self, errors: torch.Tensor) -> float:
+        if not self.frozen:
+            errors = errors.detach().double().reshape(-1)
+            stats = torch.stack([errors.sum(), errors.new_tensor(errors.numel())])
+            if self.reduce is not None:
+                stats = self.reduce(stats)
+            # a batch with no finite positive error (non-finite, or all at t = 0) does not count
+            if bool(torch.isfinite(stats).all()) and stats[0] > 0:
+                self.total += float(stats[0])
+                self.count += int(stats[1])
+                self.seen += 1
+        # before any counted batch the errors are all zero, so beta does not matter yet
+        return self.value if self.value is not None else 1.0
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches, "total": self.total, "count": self.count, "seen": self.seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches, self.total = int(state["batches"]), float(state["total"])
+        self.count, self.seen = int(state["count"]), int(state["seen"])
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from ..models import ModelAdapter
-from ..objectives import NEEDS_REFERENCE, LossOutput, preference_loss
+from ..objectives import NEEDS_REFERENCE, BetaScale, LossOutput, preference_loss
 from ..spaces import compute_errors
 from ..spaces.ncp import NCPConfig
 
@@ -51,8 +51,11 @@ def winners_then_losers(x: torch.Tensor) -> torch.Tensor:
 
 def preference_step(adapter: ModelAdapter, policy: torch.nn.Module, reference: Reference, batch: dict, *,
                     objective: str, space: str, beta: float, cpo_lambda: float, orpo_lambda: float, ncp: NCPConfig,
-                    generator: torch.Generator, resolution: int) -> LossOutput:
-    """Loss and metrics of one micro-batch of B pairs (the policy forward keeps the graph)."""
+                    generator: torch.Generator, resolution: int, beta_scale: BetaScale | None = None) -> LossOutput:
+    """Loss and metrics of one micro-batch of B pairs (the policy forward keeps the graph).
+
+    With `beta_scale` (--beta-normalize) the objective uses beta / the frozen mean reference
+    error (the policy's own, detached, for reference-free objectives); metric `beta_effective`."""
     device = adapter.device
     x0 = pair_batch_latents(adapter, batch)
     b = x0.shape[0] // 2
@@ -81,5 +84,10 @@ def preference_step(adapter: ModelAdapter, policy: torch.nn.Module, reference: R
         space, encoder=reference.unet, scheduler=scheduler, x0=x0, x_t=x_t, noise=noise, timesteps=timesteps,
         policy_pred=policy_pred, reference_pred=reference_pred, encoder_hidden_states=inputs["encoder_hidden_states"],
         added_cond_kwargs=added, config=ncp, generator=generator, encoder_context=reference.context)
-    return preference_loss(policy_err, reference_err, objective=objective, beta=beta, cpo_lambda=cpo_lambda,
-                           orpo_lambda=orpo_lambda)
+    if beta_scale is not None:
+        beta = beta / beta_scale.observe(reference_err if reference_err is not None else policy_err)
+    out = preference_loss(policy_err, reference_err, objective=objective, beta=beta, cpo_lambda=cpo_lambda,
+                          orpo_lambda=orpo_lambda)
+    if beta_scale is not None:
+        out.metrics["beta_effective"] = torch.tensor(beta)
+    return out
