@@ -140,6 +140,9 @@ def test_vote_records_blind_layout_and_resumes(tmp_path, folders):
     assert client.post("/api/vote", json=dict(annotator="x", key=second, question="style", choice="left")).status_code == 422
     assert client.post("/api/vote", json=dict(annotator="x", key=second, question="general", choice="a")).status_code == 422
     assert client.get("/api/state", params={"annotator": "<>"}).status_code == 400
+    # a cross-site form (text/plain, no CORS preflight) cannot vote: only JSON bodies are read
+    form = json.dumps(dict(annotator="x", key=second, question="general", choice="left"))
+    assert client.post("/api/vote", content=form, headers={"content-type": "text/plain"}).status_code == 422
     assert len(out.read_text().splitlines()) == 3
     # another Host header (DNS rebinding) is refused
     assert client.get("/api/config", headers={"host": "evil.example"}).status_code == 400
