@@ -80,7 +80,7 @@ class EvalHook(_Hook):
     """Every `eval_every` steps: mean reward of eval images and win rate against the step-0 model.
 
     `history` (a list kept in the trainer state, so it survives resume) receives one entry per
-    evaluation; the step-0 entry also keeps the per-image scores the later win rates compare to.
+    evaluation with its per-image scores (the step-0 ones are what later win rates compare to).
     """
 
     def __init__(self, config, adapter, accelerator, history: list):
@@ -109,14 +109,15 @@ class EvalHook(_Hook):
         self._setup()
         images = self._images(unet, self._prompts, self._seeds)
         scores = self._scorer.score(images, self._prompts).float().cpu().numpy()
-        entry = {"step": step, "mean_score": float(scores.mean())}
-        if step == 0:
-            entry["scores"] = scores.tolist()
+        # per-image scores at every evaluation: win rates against step 0, and bands on score curves
+        entry = {"step": step, "mean_score": float(scores.mean()), "scores": scores.tolist()}
         baseline = next((h["scores"] for h in self.history if h["step"] == 0), None)
         if baseline is not None and step > 0:
             base = np.asarray(baseline)
             entry["win_rate_vs_step0"] = win_rate(scores, base)
-            entry["win_rate_ci"] = list(paired_bootstrap_ci(scores, base, n_resamples=2000, seed=c.seed))
+            # two-stage bootstrap: the prompts, then the seeds inside each (ncppo.evaluate.stats)
+            entry["win_rate_ci"] = list(paired_bootstrap_ci(scores, base, n_resamples=2000, seed=c.seed,
+                                                             groups=self._prompts))
         self.history.append(entry)
         self.accelerator.log({f"eval/{k}": v for k, v in entry.items() if isinstance(v, float)}, step=step)
         return entry
