@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from ncppo.sbs.agreement import krippendorff_alpha, pairwise_agreement
-from ncppo.sbs.bootstrap import two_stage_bootstrap_ci, two_stage_bootstrap_stats
+from ncppo.evaluate.stats import win_rate_interval
 from ncppo.sbs.results import ResultsConfig, majority, summarize
 
 # (prompt_index, seed) -> winners of ann, bob, cat (None = no vote)
@@ -50,22 +49,6 @@ def test_agreement_on_a_hand_made_case():
     assert krippendorff_alpha([["a", "a"], ["a"]]) is None and krippendorff_alpha([["a"], ["b"]]) is None
 
 
-def test_two_stage_bootstrap_resamples_prompts_then_items():
-    # prompt 0 holds items 1 and 0, prompt 1 items 1 and 1. A resample is all ones when every drawn item is:
-    # both prompts drawn as 1 (1/4) -> 1; one of each (1/2) -> prompt 0 must draw item "1" twice (1/4);
-    # prompt 0 twice (1/4) -> 1/16. P = 1/4 + 1/8 + 1/64 = 25/64. Prompts only would give 1/4, items only (3/4)^4.
-    stats = two_stage_bootstrap_stats([1, 0, 1, 1], ["p0", "p0", "p1", "p1"], n_resamples=40000, seed=1)
-    assert np.mean(stats == 1.0) == pytest.approx(25 / 64, abs=0.01)
-    assert stats.mean() == pytest.approx(0.75, abs=0.005)  # unbiased for the mean
-    # unequal prompt sizes: a one-item prompt always contributes its single value
-    stats = two_stage_bootstrap_stats([0, 1, 1, 1], ["p0", "p1", "p1", "p1"], n_resamples=20000, seed=0)
-    assert np.mean(stats == 0.0) == pytest.approx(1 / 4, abs=0.01)  # only when p0 is drawn twice
-    low, high = two_stage_bootstrap_ci([1, 0, 1, 1], [0, 0, 1, 1], n_resamples=2000)
-    assert 0 <= low < 0.75 < high == 1.0
-    with pytest.raises(ValueError, match="one entry per value"):
-        two_stage_bootstrap_stats([1, 0], [0])
-
-
 def test_summarize_hand_made_votes(tmp_path):
     path = write_votes(tmp_path / "v.jsonl")
     write_votes(path, {(0, 0): ("b", None, None)}, question="visual")
@@ -76,7 +59,9 @@ def test_summarize_hand_made_votes(tmp_path):
     assert g["vote_win_rate"] == pytest.approx(7.5 / 14)
     assert g["krippendorff_alpha"] == pytest.approx(5 / 18) and g["pairwise_agreement"] == pytest.approx(0.5)
     assert g["annotators_per_item"] == {"2": 1, "3": 4} and g["votes_per_annotator"] == {"ann": 5, "bob": 5, "cat": 4}
-    assert g["win_rate_ci"] == list(two_stage_bootstrap_ci([1, .5, 0, .5, 1], [0, 0, 1, 1, 2], n_resamples=2000))
+    # the shared interval of `ncppo compare`, over the majority values with prompts as the top stage
+    assert g["win_rate_ci"] == list(win_rate_interval([1, .5, 0, .5, 1], [0, 0, 1, 1, 2], n_resamples=2000))
+    assert g["win_rate_ci"] != list(win_rate_interval([1, .5, 0, .5, 1], None, n_resamples=2000))
     v = result["questions"]["visual"]
     assert (v["win_rate"], v["n_votes"], v["krippendorff_alpha"]) == (0.0, 1, None)
     assert result["annotators"] == {"ann": {"general": 5, "visual": 1}, "bob": {"general": 5}, "cat": {"general": 4}}

@@ -3,8 +3,9 @@ two-stage bootstrap interval (prompts, then items), inter-annotator agreement an
 
 An item is one (prompt, seed). Its label is the majority of its annotators' votes ("a", "b" or
 "tie"; no strict majority = tie, as in the paper's 3-annotator protocol), valued 1 / 0 / 0.5; the
-win rate is the mean over items. The interval resamples prompts, then the items of each drawn
-prompt; it does not resample annotators. The win rate of the pooled votes is reported beside it.
+win rate is the mean over items. The interval is `ncppo.evaluate.stats.win_rate_interval`, as in
+`ncppo compare`: a two-stage bootstrap (prompts, then the items of each drawn prompt) widened for
+few prompts and never narrower than Wilson's; it does not resample annotators. The win rate of the pooled votes is reported beside it.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from ..configs import ConfigError, option
+from ..evaluate.stats import win_rate_interval
 from .agreement import krippendorff_alpha, pairwise_agreement
-from .bootstrap import two_stage_bootstrap_ci
 from .items import QUESTIONS
 from .votes import read_votes
 
@@ -87,7 +88,7 @@ def question_summary(items: dict[tuple[int, int], dict], *, n_resamples: int, co
     units = [list(items[k]["votes"].values()) for k in keys]
     per_item = Counter(len(u) for u in units)
     annotators = Counter(a for k in keys for a in items[k]["votes"])
-    low, high = two_stage_bootstrap_ci(values, prompts, n_resamples=n_resamples, confidence=confidence, seed=seed)
+    low, high = win_rate_interval(values, prompts, n_resamples=n_resamples, confidence=confidence, seed=seed)
     return dict(win_rate=float(values.mean()), win_rate_ci=[low, high], confidence=confidence,
                 a_wins=labels.count("a"), ties=labels.count("tie"), b_wins=labels.count("b"),
                 n_items=len(keys), n_prompts=len(set(prompts)), n_votes=len(pooled),
@@ -146,7 +147,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(str(counts.get(q, 0)) for q in questions)
                      + f" | {sum(counts.values())} |")
     lines += ["", f"Win rate: majority vote per item (no strict majority = tie), ties count half. Interval: "
-              f"two-stage bootstrap, prompts then items, {result['n_resamples']} resamples, seed {result['seed']}."]
+              f"two-stage bootstrap, prompts then items, {result['n_resamples']} resamples, seed {result['seed']}, "
+              "widened for few prompts (as `ncppo compare`)."]
     return "\n".join(lines)
 
 
