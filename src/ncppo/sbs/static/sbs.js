@@ -23,7 +23,10 @@ async function api(path, options) {
   const response = await fetch(path, options);
   if (!response.ok) {
     let message = `${response.status} ${response.statusText}`;
-    try { message = (await response.json()).detail || message; } catch (_) { /* not JSON */ }
+    try {
+      const detail = (await response.json()).detail;
+      message = Array.isArray(detail) ? detail.map((d) => d.msg).join("; ") : detail || message;
+    } catch (_) { /* not JSON */ }
     throw new Error(message);
   }
   return response.json();
