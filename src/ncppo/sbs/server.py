@@ -7,8 +7,8 @@ joined to a file path, so `..`, absolute and percent-encoded paths match no item
 URLs and page never name the models; the server maps "left"/"right" back to A/B itself.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the route annotations at run time, and the
+# request model is local to create_app (so FastAPI stays an optional import).
 import contextlib
 import datetime as dt
 import threading
