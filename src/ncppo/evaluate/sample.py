@@ -3,12 +3,19 @@
 The image for (prompt i, seed s) depends only on the prompt, the seed and the settings: each
 image gets its own CPU `torch.Generator` seeded with s, so the batch size, the number of
 processes and the order of work do not change it (up to the float rounding of batched kernels).
+
+Crash safety: the settings manifest (with the LoRA's content hash and a hash per prompt) is
+written before the first image, so a rerun into the same --out after a crash continues only with
+the same settings and prompts; each PNG appears under its final name only when complete; the
+index is written atomically at the end, and a truncated last line of an index is ignored.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -17,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..configs import ConfigError
+from ..errors import InputError, MissingInputError
 
 PROMPT_COLUMNS = ("prompt", "caption", "Prompt", "text")
 INDEX_FILE = "index.jsonl"
@@ -41,7 +49,7 @@ LORA_ADAPTER = "ncppo_sample_lora"  # not "eval": adapter names become module at
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class PromptSourceError(ValueError):
+class PromptSourceError(InputError):
     """A prompt file or dataset cannot be read; the message names the source and row."""
 
 
@@ -170,37 +178,88 @@ def load_pipeline(model: str, *, lora: str | None = None, lora_scale: float = 1.
                   revision: str | None = None, variant: str | None = None):
     """`DiffusionPipeline.from_pretrained(model)` (SD or SDXL), with an optional full fine-tuned
     U-Net folder (`unet`, the folder or its parent holding `unet/`) and an optional LoRA file or
-    folder loaded with `pipe.load_lora_weights` at `lora_scale`."""
+    folder loaded with `pipe.load_lora_weights` at `lora_scale`. A LoRA none of whose keys reaches
+    the denoiser (U-Net) is an error, not a silent sample of the base model."""
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
+    from ..models import check_pipeline_folder, looks_like_path
+
+    check_pipeline_folder(model, flag="--model")
     kwargs = {}
     if unet:
         unet_dir = Path(unet)
         if (unet_dir / "unet" / "config.json").is_file():
             unet_dir = unet_dir / "unet"
         if not (unet_dir / "config.json").is_file():
-            raise FileNotFoundError(f"--unet {unet}: no U-Net config.json there or in its unet/ subfolder")
+            raise MissingInputError(f"--unet {unet}: no U-Net config.json there or in its unet/ subfolder")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
             kwargs["unet"] = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype)
     with warnings.catch_warnings():  # diffusers >= 0.36 renamed torch_dtype to dtype; older ones know only torch_dtype
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, revision=revision, variant=variant, **kwargs)
+        try:
+            pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, revision=revision, variant=variant,
+                                                     **kwargs)
+        except OSError as err:  # missing/unreadable weights, an unreachable hub id
+            raise InputError(f"--model {model}: cannot load ({_first_line(err)})") from err
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None  # evaluation scores the raw samples; a blacked-out image is not a sample
     if lora:
-        lora_path = Path(lora)
-        if lora_path.is_file():
-            pipe.load_lora_weights(str(lora_path.parent), weight_name=lora_path.name, adapter_name=LORA_ADAPTER)
-        elif lora_path.is_dir():
-            pipe.load_lora_weights(str(lora_path), adapter_name=LORA_ADAPTER)
-        else:
-            pipe.load_lora_weights(lora, adapter_name=LORA_ADAPTER)  # a hub id
+        _load_lora(pipe, lora, looks_like_path)
         if lora_scale != 1.0:
             pipe.set_adapters([LORA_ADAPTER], adapter_weights=[lora_scale])
     set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _load_lora(pipe, lora: str, looks_like_path) -> None:
+    lora_path = Path(lora)
+    try:
+        if lora_path.is_file():
+            pipe.load_lora_weights(str(lora_path.parent), weight_name=lora_path.name, adapter_name=LORA_ADAPTER)
+        elif lora_path.is_dir():
+            pipe.load_lora_weights(str(lora_path), adapter_name=LORA_ADAPTER)
+        elif looks_like_path(lora):
+            raise MissingInputError(f"--lora {lora}: no such file or folder")
+        else:
+            pipe.load_lora_weights(lora, adapter_name=LORA_ADAPTER)  # a hub id
+    except InputError:
+        raise
+    except (OSError, ValueError) as err:  # unreadable file, no LoRA keys, keys naming no module of this model
+        raise InputError(f"--lora {lora}: cannot load as a LoRA of this model ({_first_line(err)})") from err
+    denoiser = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    if LORA_ADAPTER not in (pipe.get_list_adapters().get(denoiser) or []):
+        raise InputError(f"--lora {lora}: none of its keys matches the {denoiser} of --model (a LoRA of another "
+                         "model family, or one that adapts only the text encoder?); sampling would run the base model")
+
+
+def lora_sha256(lora: str | None) -> str | None:
+    """Content hash of a LoRA file, or of a folder's weight files (names and bytes); None without a
+    LoRA; a hub id hashes to itself (its revision pins it)."""
+    if not lora:
+        return None
+    path = Path(lora)
+    files = [path] if path.is_file() else sorted(
+        f for f in path.glob("*") if f.is_file() and f.suffix in (".safetensors", ".bin")) if path.is_dir() else []
+    digest = hashlib.sha256()
+    if not files:
+        digest.update(str(lora).encode())
+    for f in files:
+        digest.update(f.name.encode() if len(files) > 1 else b"")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def prompt_hash(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:12]
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def sample_images(pipeline, prompts: list[str], seeds, *, steps: int, guidance: float,
@@ -272,15 +331,23 @@ class SampleConfig:
             raise ConfigError("--seeds: give at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"--seeds: repeated seeds in {self.seeds}")
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
+        for name in ("steps", "batch_size", "max_prompts"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        for name in ("guidance", "lora_scale"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (value < 8 or value % 8):
+                raise ConfigError(f"--{name} must be a positive multiple of 8, got {value}")
 
     def settings(self) -> dict:
-        """What determines an image besides its prompt and seed (checked when resuming)."""
+        """What determines an image besides its prompt and seed (checked when resuming). The LoRA
+        counts by its content (`lora_sha256`); its path is kept for the record only."""
         keys = ("model", "lora", "lora_scale", "unet", "revision", "variant", "steps", "guidance", "scheduler",
                 "negative_prompt", "height", "width", "dtype")
-        return {k: getattr(self, k) for k in keys}
+        return {**{k: getattr(self, k) for k in keys}, "lora_sha256": lora_sha256(self.lora)}
 
 
 def image_name(prompt_index: int, seed: int) -> str:
@@ -296,14 +363,20 @@ def read_index(folder: str | Path) -> list[dict]:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """One dict per non-empty line; a bad line raises naming the file and line."""
+    """One dict per non-empty line; a bad line raises naming the file and line, except a last line
+    without its newline (a write cut short by a crash), which is dropped with a warning."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(lines, 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {i}: not valid JSON ({err})") from None
+                if i == len(lines) and not text.endswith("\n"):
+                    warnings.warn(f"{path}, line {i}: truncated last line ignored (a write cut short)", stacklevel=2)
+                    break
+                raise InputError(f"{path}, line {i}: not valid JSON ({err})") from None
     return rows
 
 
@@ -318,21 +391,55 @@ def _image_ok(path: Path) -> bool:
         return False
 
 
+def _check_sources(config: SampleConfig) -> None:
+    """Fail on a missing model or LoRA before anything is written to --out."""
+    from ..models import check_pipeline_folder, looks_like_path
+
+    check_pipeline_folder(config.model, flag="--model")
+    for flag, value in (("--lora", config.lora), ("--unet", config.unet)):
+        if value and looks_like_path(value) and not Path(value).exists():
+            raise MissingInputError(f"{flag} {value}: no such file or folder")
+
+
+IDENTITY_EXEMPT = ("lora",)  # recorded, not compared: a LoRA is identified by its content hash
+
+
 def _check_resume(out: Path, config: SampleConfig, prompts: list[str]) -> None:
+    """Refuse to add to a folder whose images were made with other settings or other prompts."""
     manifest = out / MANIFEST_FILE
-    if manifest.is_file():
-        old = json.loads(manifest.read_text()).get("settings", {})
-        changed = {k: (old.get(k), v) for k, v in config.settings().items() if old.get(k) != v}
+    if manifest.is_file() and any((out / IMAGE_DIR).glob("*.png")):  # no image yet: nothing to protect
+        try:
+            recorded = json.loads(manifest.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise InputError(f"{manifest}: unreadable ({err}); use another --out") from None
+        old = recorded.get("settings", {})
+        changed = {k: (old.get(k), v) for k, v in config.settings().items()
+                   if k not in IDENTITY_EXEMPT and k in old and old.get(k) != v}
         if changed:
             k, (was, now) = next(iter(changed.items()))
-            raise ValueError(f"{out} holds samples made with other settings ({k}: {was!r} there, {now!r} now); "
+            raise InputError(f"{out} holds samples made with other settings ({k}: {was!r} there, {now!r} now); "
                              "use another --out")
+        hashes = recorded.get("prompt_hashes") or []
+        for i, (was, prompt) in enumerate(zip(hashes, prompts)):
+            if was != prompt_hash(prompt):
+                raise InputError(f"{out}: prompt {i} differs from the one its images were made for ({prompt!r} "
+                                 "now); use another --out")
     if (out / INDEX_FILE).is_file():
         for row in read_index(out):
             i = row["prompt_index"]
             if i < len(prompts) and prompts[i] != row["prompt"]:
-                raise ValueError(f"{out / INDEX_FILE}: prompt {i} there is {row['prompt']!r} but the prompt "
+                raise InputError(f"{out / INDEX_FILE}: prompt {i} there is {row['prompt']!r} but the prompt "
                                  f"source gives {prompts[i]!r}; use another --out")
+
+
+def _all_agree(state, ok: bool) -> bool:
+    """True only if `ok` on every process (also a barrier), so a refusal on the main process stops all."""
+    if state.num_processes == 1:
+        return ok
+    from accelerate.utils import reduce
+
+    flag = torch.tensor([0.0 if ok else 1.0], device=state.device)
+    return bool(reduce(flag, reduction="sum").item() == 0)
 
 
 def run_sample(config: SampleConfig) -> Path:
@@ -349,10 +456,21 @@ def run_sample(config: SampleConfig) -> Path:
     out = Path(config.out)
     prompts = read_prompts(config.prompts, column=config.prompt_column, split=config.prompt_split,
                            unique=config.unique_prompts, limit=config.max_prompts)
+    _check_sources(config)
+    settings = config.settings()
+    error = None
     if state.is_main_process:
-        (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
-        _check_resume(out, config, prompts)
-    state.wait_for_everyone()
+        try:
+            (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
+            _check_resume(out, config, prompts)
+            # the settings go down before the first image, so a crashed run is resumed only alike
+            write_manifest(out / MANIFEST_FILE, command="sample", config=config, settings=settings,
+                           prompt_hashes=[prompt_hash(p) for p in prompts], status="running",
+                           num_prompts=len(prompts), num_images=len(prompts) * len(config.seeds))
+        except (OSError, InputError) as err:
+            error = err
+    if not _all_agree(state, error is None):
+        raise error if error is not None else InputError(f"--out {out}: refused by the main process")
     items = [(i, s) for i in range(len(prompts)) for s in config.seeds]
     todo = [(i, s) for i, s in items if not _image_ok(out / image_name(i, s))]
     state.wait_for_everyone()  # everyone has listed the missing images before anyone writes one
@@ -379,13 +497,13 @@ def run_sample(config: SampleConfig) -> Path:
                 os.replace(tmp, target)  # a crash never leaves a truncated PNG under the final name
     state.wait_for_everyone()
     if state.is_main_process:
-        settings = config.settings()
+        from ..manifest import atomic_write_text
+
         rows = [dict(prompt=prompts[i], prompt_index=i, seed=s, file=image_name(i, s), model=config.model,
                      settings=settings) for i, s in items]
-        with open(out / INDEX_FILE, "w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in rows)
+        atomic_write_text(out / INDEX_FILE, "".join(json.dumps(r) + "\n" for r in rows))
         write_manifest(out / MANIFEST_FILE, command="sample", config=config, **dict(
-            settings=settings, num_prompts=len(prompts), num_images=len(items), generated=len(todo),
-            num_processes=state.num_processes))
+            settings=settings, prompt_hashes=[prompt_hash(p) for p in prompts], status="complete",
+            num_prompts=len(prompts), num_images=len(items), generated=len(todo), num_processes=state.num_processes))
     state.wait_for_everyone()
     return out

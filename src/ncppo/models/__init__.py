@@ -17,8 +17,6 @@ from .sd import SDAdapter
 from .sdxl import SDXLAdapter
 
 FAMILIES = {"sd": SDAdapter, "sdxl": SDXLAdapter}
-# Subfolders a family's adapter loads (text_encoder*/tokenizer* are added from model_index.json).
-NEEDED_PARTS = ("unet", "vae", "scheduler")
 
 
 def looks_like_path(name: str) -> bool:
@@ -28,7 +26,7 @@ def looks_like_path(name: str) -> bool:
 
 def check_pipeline_folder(model: str, *, flag: str = "--model", vae: str | None = None) -> None:
     """For a local `model`: fail early, naming the part, if it is not a complete diffusers pipeline
-    folder (model_index.json, and a config in every subfolder the adapter loads). Hub ids pass."""
+    folder (model_index.json, and a non-empty subfolder for every component it lists). Hub ids pass."""
     path = Path(model).expanduser()
     if not path.exists():
         if looks_like_path(model):
@@ -43,8 +41,8 @@ def check_pipeline_folder(model: str, *, flag: str = "--model", vae: str | None 
         index = json.loads(index_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InputError(f"{flag} {model}: model_index.json is unreadable ({err})") from None
-    parts = [p for p in NEEDED_PARTS if not (p == "vae" and vae)]
-    parts += [k for k, v in index.items() if k.startswith(("text_encoder", "tokenizer")) and v and v[0]]
+    parts = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and all(v)
+             and not (k == "vae" and vae)]
     for part in parts:
         folder = path / part
         if not folder.is_dir():
