@@ -29,3 +29,7 @@ class RunError(NcppoError, RuntimeError):
 
 class OutputExistsError(InputError, FileExistsError):
     """An output folder a flag names exists and would be overwritten."""
+
+
+class MissingPackageError(InputError, ImportError):
+    """An optional package a flag needs is not installed; the message says what to install."""

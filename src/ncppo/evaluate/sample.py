@@ -358,7 +358,7 @@ def read_index(folder: str | Path) -> list[dict]:
     """The rows of `folder/index.jsonl` (prompt, prompt_index, seed, file, model, settings)."""
     path = Path(folder) / INDEX_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no sample index (run `ncppo sample --out {folder}` first)")
+        raise MissingInputError(f"{path}: no sample index (run `ncppo sample --out {folder}` first)")
     return read_jsonl(path)
 
 

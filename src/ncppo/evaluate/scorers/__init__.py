@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from pathlib import Path
 
 import torch
 
@@ -35,9 +36,17 @@ def _import(target: str):
 def get_scorer(name: str, path: str | None = None, device="cpu", dtype: torch.dtype = torch.float32,
                **options) -> Scorer:
     """Load the scorer `name` (see SCORERS) once; `path` is its weights (file, folder or hub id) and
-    `options` are scorer-specific keywords (e.g. `clip_model`, `processor`, `tokenizer`)."""
+    `options` are scorer-specific keywords (e.g. `clip_model`, `processor`, `tokenizer`).
+
+    Missing or unloadable weights, and a missing optional package, raise `InputError` naming the
+    scorer and the path."""
+    from ...errors import InputError, MissingInputError, MissingPackageError
+    from ...models import looks_like_path
+
     if name not in SCORERS:
-        raise ValueError(f"unknown scorer {name!r}; choose from {sorted(SCORERS)}")
+        raise InputError(f"unknown scorer {name!r}; choose from {sorted(SCORERS)}")
+    if path is not None and looks_like_path(str(path)) and not Path(path).expanduser().exists():
+        raise MissingInputError(f"{name} scorer weights {path}: no such file or folder")
     target, fixed = SCORERS[name]
     cls = _import(target)
     kwargs = {"path": path, "device": device, "dtype": dtype, **fixed, **options}
@@ -45,12 +54,21 @@ def get_scorer(name: str, path: str | None = None, device="cpu", dtype: torch.dt
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         unknown = [k for k in options if k not in params]
         if unknown:
-            raise TypeError(f"scorer {name!r} takes no option(s) {unknown}; it takes {sorted(set(params) - {'self'})}")
+            raise InputError(f"scorer {name!r} takes no option(s) {unknown}; it takes {sorted(set(params) - {'self'})}")
         if path is not None and "path" not in params:
-            raise TypeError(f"scorer {name!r} takes no --scorer-path")
+            raise InputError(f"scorer {name!r} takes no --scorer-path")
         # optional interface arguments a scorer (e.g. the toy judge) may not declare
         kwargs = {k: v for k, v in kwargs.items() if k in params}
-    scorer = cls(**kwargs)
+    try:
+        scorer = cls(**kwargs)
+    except InputError:
+        raise
+    except ImportError as err:
+        raise MissingPackageError(f"{name} scorer: {err}") from err
+    except (OSError, ValueError, KeyError) as err:  # missing or unreadable weights
+        where = f" from {path}" if path is not None else " (default weights; pass --scorer-path for local ones)"
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise InputError(f"{name} scorer: cannot load{where}: {first}") from err
     if getattr(scorer, "name", "scorer") in (None, "", "scorer"):
         scorer.name = name
     return scorer
