@@ -195,13 +195,19 @@ def _method(run: TrainedRun) -> str:
              f"- Objective: {OBJECTIVES.get(c.get('objective'), c.get('objective'))} (`--objective {c.get('objective')}`), "
              f"in {SPACES.get(c.get('space'), c.get('space'))}."]
     if c.get("space") == "ncp":
-        lines.append(f"- NCP settings: timestep mode `{c.get('timestep_mode')}`, encoder features `{c.get('ncp_layers')}`.")
+        precision = f", precision `{c['ncp_precision']}`" if c.get("ncp_precision") else ""
+        lines.append(f"- NCP settings: timestep mode `{c.get('timestep_mode')}`, encoder features "
+                     f"`{c.get('ncp_layers')}`{precision}.")
     if c.get("objective") != "sft" and c.get("beta") is not None:
-        beta = float(c["beta"])
+        beta, norm = float(c["beta"]), (run.manifest or {}).get("beta_normalization") or {}
+        text = f"- beta = {beta:.6g} in ncppo's convention, `logits = beta * ((ref_w - ref_l) - (policy_w - policy_l))`"
+        if norm.get("effective_beta"):
+            text += (f", divided by the reference error scale {norm['error_scale']:.4g} measured at the start "
+                     f"(`--beta-normalize`): effective beta {norm['effective_beta']:.6g}")
+            beta = float(norm["effective_beta"])
         official = beta / BETA_CONVENTIONS["diffusion-dpo"]
-        lines.append(f"- beta = {beta:g} in ncppo's convention, `logits = beta * ((ref_w - ref_l) - (policy_w - policy_l))` "
-                     f"on per-sample errors; the official Diffusion-DPO code would call this `beta_dpo = {official:g}`. "
-                     "Betas are not comparable between the latent and the NCP space.")
+        lines.append(f"{text}; the official Diffusion-DPO code would call this `beta_dpo = {official:.6g}`. "
+                     "Raw betas are not comparable between the latent and the NCP space.")
     if c.get("objective") == "cpo" and c.get("cpo_lambda"):
         lines.append(f"- CPO winner-error weight lambda = {c['cpo_lambda']:g}.")
     if c.get("objective") == "orpo":

@@ -91,6 +91,7 @@ class TrainedRun:
         facts = {"version": __version__, "base_model": self.model, "family": self.family, "steps": self.step,
                  "objective": c.get("objective"), "space": c.get("space"), "beta": c.get("beta"),
                  "beta_convention": "ncppo: logits = beta * ((ref_w - ref_l) - (policy_w - policy_l))",
+                 "effective_beta": ((self.manifest or {}).get("beta_normalization") or {}).get("effective_beta"),
                  "timestep_mode": c.get("timestep_mode") if c.get("space") == "ncp" else None,
                  "ncp_layers": c.get("ncp_layers") if c.get("space") == "ncp" else None,
                  "lora_rank": self.rank, "lora_alpha": self.alpha,
