@@ -22,6 +22,7 @@ from ..spaces.ncp import NCPConfig
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import build_dataloader, describe, fingerprint, usable_pairs
+from .distributed import check_supported
 from .hooks import EvalHook, ValidationHook
 from .step import Reference, preference_step
 
@@ -62,6 +63,7 @@ def train(config: TrainConfig) -> TrainResult:
     )
     set_seed(config.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
+    check_supported(accelerator)  # FSDP/DeepSpeed: refused with what is supported
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.clean_stale(out)  # what a save killed midway left behind
