@@ -1,6 +1,6 @@
 """`ncppo export`: kohya and diffusers LoRA files and merged pipelines, checked with numbers on the
 tiny real SD and SDXL pipelines. The LoRA has alpha 12 != rank 4 and up-weights drawn large, so
-the adapter moves the U-Net output by O(1) and a wrong alpha / rank scale cannot pass."""
+the adapter moves the U-Net output by ~0.8 and a wrong alpha / rank scale cannot pass."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def run(request, tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     for name, p in unet.named_parameters():
         if "lora_B" in name:
-            p.data = 0.3 * torch.randn(p.shape, generator=g)
+            p.data = 0.1 * torch.randn(p.shape, generator=g)
     adapter.save_lora(unet, out)
     config = TrainConfig(model=str(model), data="pairs", output_dir=str(out), lora_rank=RANK, lora_alpha=ALPHA,
                          resolution=32)

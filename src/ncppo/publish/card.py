@@ -72,9 +72,7 @@ def write_training_card(output_dir: str | Path, family: str | None = None) -> Pa
     """The card of a finished training run, beside its weights. Never fails the run: a problem
     becomes a warning (the weights and manifest are already saved)."""
     try:
-        run = load_run(output_dir)
-        if family:
-            run.family = family
+        run = load_run(output_dir, family=family)
         return write_model_card(run, output_dir, kind="lora" if run.lora is not None else "full")
     except Exception as err:  # noqa: BLE001 - the card is a courtesy; the run's outputs are safe
         warnings.warn(f"{output_dir}: no model card written ({type(err).__name__}: {err}); "

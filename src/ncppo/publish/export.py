@@ -29,15 +29,16 @@ class ExportConfig:
                                       "lora_adapter_metadata; merged: the whole base pipeline with the weights fused "
                                       "in, saved with save_pretrained", choices=tuple(EXPORTERS))
     out: str | None = option(None, "the .safetensors file (kohya, diffusers) or folder (merged) to write; with "
-                                   "only --card, the folder for README.md (default: RUN)")
+                                   "only --card, the folder for README.md; none = RUN")
     dtype: str = option("fp32", "precision of the written weights (fusing is done in fp32)", choices=tuple(DTYPES))
     card: bool = option(False, "write a Hub model card, README.md, beside the export (in --out for merged), or "
                                "into RUN without --format")
-    eval: list[str] = option([], "`ncppo compare --out` folders (or compare.json files) whose tables go into the card")
-    model: str | None = option(None, "base pipeline (hub id or folder); default: the one in RUN's manifest.json")
-    lora_alpha: float | None = option(None, "LoRA alpha; default: from the weights' metadata or the manifest (needed "
-                                            "only for a checkpoint of a run that wrote no manifest)")
-    license: str | None = option(None, "the card's license; default: the base model card's, else 'other'")
+    eval: list[str] = option([], "`ncppo compare --out` folders (or compare.json files), comma-separated, whose tables "
+                                    "go into the card")
+    model: str | None = option(None, "base pipeline (hub id or folder); none = the one RUN's manifest.json names")
+    lora_alpha: float | None = option(None, "LoRA alpha; none = from the weights' metadata or the manifest (give it "
+                                            "for a checkpoint of a run that wrote no manifest)")
+    license: str | None = option(None, "the card's license; none = the base model card's, else 'other'")
     overwrite: bool = option(False, "replace an existing --out")
 
     def validate(self) -> None:

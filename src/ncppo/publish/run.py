@@ -100,10 +100,11 @@ class TrainedRun:
         return {f"ncppo.{k}": str(v) for k, v in facts.items() if v is not None}
 
 
-def load_run(path: str | Path, *, model: str | None = None, lora_alpha: float | None = None) -> TrainedRun:
-    """Read RUN (an output or checkpoint folder). `model` and `lora_alpha` override the manifest's;
-    a checkpoint of a run that never wrote its manifest needs `lora_alpha` (its trainer state
-    names the base model and the data, not the alpha)."""
+def load_run(path: str | Path, *, model: str | None = None, lora_alpha: float | None = None,
+             family: str | None = None) -> TrainedRun:
+    """Read RUN (an output or checkpoint folder). `model`, `lora_alpha` and `family` override the
+    manifest's; a checkpoint of a run that never wrote its manifest needs `lora_alpha` (its trainer
+    state names the base model and the data, not the alpha)."""
     path = Path(path)
     if not path.is_dir():
         raise MissingInputError(f"RUN {path}: no such folder (give a training output or checkpoint-<step> folder)")
@@ -150,7 +151,7 @@ def load_run(path: str | Path, *, model: str | None = None, lora_alpha: float | 
     model = model or config.get("model")
     if not model:
         raise InputError(f"RUN {path}: no manifest.json in {output_dir} names the base model; pass --model")
-    family = config.get("family") or "auto"
+    family = family or config.get("family") or "auto"
     if family == "auto":
         family = _detect_family(model, config.get("revision"))
     return TrainedRun(path=path, output_dir=output_dir, model=model, family=family, step=step, config=config,
