@@ -48,9 +48,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..lora import adapters_disabled
 from . import precision
 from .latent import prediction_target, prediction_type
+from .perception import Perception, base_model
 
 TIMESTEP_MODES = ("t-1", "uniform", "same")
 LAYERS = ("down", "mid", "multi")
@@ -93,9 +93,7 @@ class NCPConfig:
             raise ValueError(f"scale_rms must be > 0, got {self.scale_rms}")
 
 
-def _base(unet):
-    """The UNet2DConditionModel inside a peft PeftModel (or the model itself)."""
-    return unet.get_base_model() if hasattr(unet, "get_base_model") else unet
+_base = base_model  # the UNet2DConditionModel inside a peft PeftModel (or the model itself)
 
 
 def encoder_features(
@@ -292,17 +290,102 @@ def _recompute_under(context_of):
     return recompute
 
 
-def _repeat_batch(x: torch.Tensor, copies: int = 2) -> torch.Tensor:
-    """``copies`` copies of x along the batch: a pair's draw for winners and losers."""
-    return torch.cat([x] * copies)
-
-
 def _encoder_modules(unet, layers: str) -> list[torch.nn.Module]:
     """The U-Net submodules an encoder pass runs (what the "fp32" precision upcasts)."""
     unet = _base(unet)
     names = ["conv_in", "time_embedding", "add_embedding", "encoder_hid_proj", "down_blocks"]
     names += ["mid_block"] if layers == "mid" else []
     return [m for m in (getattr(unet, n, None) for n in names) if m is not None]
+
+
+class UNetPerception(Perception):
+    """The U-Net's encoder (``encoder_features``: conv_in -> down blocks (-> mid block)) conditioned on the
+    batch's text states (and SDXL's added conditioning); block checkpointing by diffusers' own flags."""
+
+    def __init__(self, unet, encoder_hidden_states: torch.Tensor, added_cond_kwargs: dict | None = None,
+                 layers: str = "down", context=None):
+        super().__init__(unet, context)
+        self.encoder_hidden_states, self.added_cond_kwargs, self.layers = encoder_hidden_states, added_cond_kwargs, layers
+        self.normalize_levels = layers == "multi"
+
+    def features(self, x, levels, recompute=None):
+        with _block_checkpointing(_base(self.network), recompute):
+            return encoder_features(self.network, x, levels, self.encoder_hidden_states, self.added_cond_kwargs,
+                                    self.layers)
+
+    def exact_modules(self):
+        return _encoder_modules(self.network, self.layers)
+
+
+def perceptual_errors(
+    process,
+    perception: Perception,
+    *,
+    x0: torch.Tensor,
+    x_t: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    policy_pred: torch.Tensor,
+    reference_pred: torch.Tensor | None = None,
+    config: NCPConfig | None = None,
+    generator: torch.Generator | None = None,
+    draws: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-sample NCP errors (2B,) of the policy and of the reference (None without reference_pred), for
+    any noise process (``ncppo.spaces.process``) and frozen encoder (``ncppo.spaces.perception``).
+
+    ``timesteps`` are the process's levels. The mode's random draws (DDPM "t-1": ``variance_noise``
+    (2B, ...); "uniform": ``t_prime`` (2B,)) come from ``generator``, one per pair, unless ``draws``
+    holds them. Precision: ``config.precision`` (see ``ncppo.spaces.precision``).
+    """
+    config = config or NCPConfig()
+    n = x_t.shape[0]
+    if n % 2 or timesteps.shape != (n,) or policy_pred.shape != x_t.shape:
+        raise ValueError(
+            f"ncp_errors wants 2B samples (winners then losers): x_t {tuple(x_t.shape)}, "
+            f"timesteps {tuple(timesteps.shape)}, policy_pred {tuple(policy_pred.shape)}"
+        )
+    perception.check_frozen()
+    draws = dict(draws or {})
+    if "variance_noise" in draws and draws["variance_noise"].shape != x_t.shape:
+        raise ValueError(f"variance_noise shape {tuple(draws['variance_noise'].shape)} != x_t shape {tuple(x_t.shape)}")
+    if "t_prime" in draws and draws["t_prime"].shape != (n,):
+        raise ValueError(f"t_prime must have shape ({n},), got {tuple(draws['t_prime'].shape)}")
+    drawn = process.ncp_draws(config.timestep_mode, n // 2, x_t, generator) if not _has_draws(config, draws) else {}
+    draws = {**{k: v.to(x_t.device) for k, v in draws.items()}, **drawn}
+
+    predictions = [policy_pred] + ([] if reference_pred is None else [reference_pred])
+    t_prime, target, gain = process.ncp_step(config.timestep_mode, x0=x0, x_t=x_t, noise=noise, levels=timesteps,
+                                             draws=draws)
+    true = process.target(x0, noise, timesteps).float()
+    differences = [gain * (p.float() - true) for p in predictions]
+
+    exact_modules = perception.exact_modules()
+    method = precision.resolve_method(config.precision, exact_modules, x_t.device)
+    # Checkpointing recomputes each block in backward, when the adapters are enabled again (and the
+    # fp32 weight copies are gone), so each recompute re-enters both itself.
+    if method == "fp32":
+        recompute_context = lambda m: _both(perception.frozen_module(m), precision.float32_weights([m], x_t.device.type))  # noqa: E731
+    else:
+        recompute_context = perception.frozen_module
+    recompute = _recompute_under(recompute_context) if config.checkpoint_encoder and torch.is_grad_enabled() else None
+
+    def encode(x, with_grad):  # the frozen encoder at t', conditioned like the batch
+        if not with_grad:
+            with perception.frozen(), torch.no_grad():
+                return perception.features(x, t_prime)
+        with perception.frozen():
+            return perception.features(x, t_prime, recompute)
+
+    errors = precision.feature_errors(encode, target, differences, method=method, scale_rms=config.scale_rms,
+                                      normalize_levels=perception.normalize_levels, exact_modules=exact_modules)
+    return errors[0], (errors[1] if reference_pred is not None else None)
+
+
+def _has_draws(config: NCPConfig, draws: dict) -> bool:
+    """True when ``draws`` already holds what the mode would draw."""
+    needed = {"t-1": "variance_noise", "uniform": "t_prime"}.get(config.timestep_mode)
+    return needed is None or needed in draws
 
 
 def ncp_errors(
@@ -323,7 +406,8 @@ def ncp_errors(
     t_prime: torch.Tensor | None = None,
     encoder_context=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-sample NCP errors (2B,) of the policy and of the reference (None without reference_pred).
+    """Per-sample NCP errors (2B,) of a U-Net's policy and reference predictions (None without
+    reference_pred): ``perceptual_errors`` with the DDPM process of ``scheduler`` and ``UNetPerception``.
 
     ``encoder``: the U-Net whose encoder embeds (its weights must be frozen). ``encoder_context``: a
     zero-argument callable returning the context under which ``encoder`` is the frozen base network;
@@ -332,60 +416,14 @@ def ncp_errors(
     repeated for the losers) unless ``variance_noise`` (2B, C, H, W) / ``t_prime`` (2B,) are given.
     Precision: ``config.precision`` (see ``ncppo.spaces.precision``).
     """
+    from .process import as_process
+
     config = config or NCPConfig()
-    n = x_t.shape[0]
-    if n % 2 or timesteps.shape != (n,) or policy_pred.shape != x_t.shape:
-        raise ValueError(
-            f"ncp_errors wants 2B samples (winners then losers): x_t {tuple(x_t.shape)}, "
-            f"timesteps {tuple(timesteps.shape)}, policy_pred {tuple(policy_pred.shape)}"
-        )
-    context = encoder_context or (lambda: adapters_disabled(encoder))
-    with context():
-        trainable = [name for name, p in encoder.named_parameters() if p.requires_grad]
-    if trainable:
-        raise ValueError(f"the NCP encoder must be frozen, but {len(trainable)} weights require grad, e.g. {trainable[0]}")
-    device = generator.device if generator is not None else x_t.device
-    if config.timestep_mode == "t-1":
-        if variance_noise is None:
-            variance_noise = _repeat_batch(torch.randn((n // 2, *x_t.shape[1:]), generator=generator, device=device))
-        if variance_noise.shape != x_t.shape:
-            raise ValueError(f"variance_noise shape {tuple(variance_noise.shape)} != x_t shape {tuple(x_t.shape)}")
-        variance_noise = variance_noise.to(x_t.device)
-    if config.timestep_mode == "uniform":
-        if t_prime is None:
-            T = scheduler.config.num_train_timesteps
-            t_prime = _repeat_batch(torch.randint(0, T, (n // 2,), generator=generator, device=device))
-        if t_prime.shape != (n,):
-            raise ValueError(f"t_prime must have shape ({n},), got {tuple(t_prime.shape)}")
-        t_prime = t_prime.to(x_t.device)
-    predictions = [policy_pred] + ([] if reference_pred is None else [reference_pred])
-    t_prime, target = ncp_target(scheduler, config.timestep_mode, x0=x0, x_t=x_t, noise=noise, timesteps=timesteps,
-                                 variance_noise=variance_noise, t_prime=t_prime)
-    differences = ncp_differences(scheduler, config.timestep_mode, x0=x0, noise=noise, timesteps=timesteps,
-                                  t_prime=t_prime, predictions=predictions)
-
-    exact_modules = _encoder_modules(encoder, config.layers)
-    method = precision.resolve_method(config.precision, exact_modules, x_t.device)
-    # Checkpointing recomputes each resnet / transformer block in backward, when the adapters are
-    # enabled again (and the fp32 weight copies are gone), so each recompute re-enters both itself.
-    frozen = adapters_disabled if encoder_context is None else (lambda m: encoder_context())
-    if method == "fp32":
-        recompute_context = lambda m: _both(frozen(m), precision.float32_weights([m], x_t.device.type))  # noqa: E731
-    else:
-        recompute_context = frozen
-    recompute = _recompute_under(recompute_context) if config.checkpoint_encoder and torch.is_grad_enabled() else None
-
-    def encode(x, with_grad):  # the frozen encoder at t', conditioned like the batch
-        args = (encoder, x, t_prime, encoder_hidden_states, added_cond_kwargs, config.layers)
-        if not with_grad:
-            with context(), torch.no_grad():
-                return encoder_features(*args)
-        with context(), _block_checkpointing(_base(encoder), recompute):
-            return encoder_features(*args)
-
-    errors = precision.feature_errors(encode, target, differences, method=method, scale_rms=config.scale_rms,
-                                      normalize_levels=config.layers == "multi", exact_modules=exact_modules)
-    return errors[0], (errors[1] if reference_pred is not None else None)
+    perception = UNetPerception(encoder, encoder_hidden_states, added_cond_kwargs, config.layers, encoder_context)
+    draws = {k: v for k, v in (("variance_noise", variance_noise), ("t_prime", t_prime)) if v is not None}
+    return perceptual_errors(as_process(scheduler), perception, x0=x0, x_t=x_t, noise=noise, timesteps=timesteps,
+                             policy_pred=policy_pred, reference_pred=reference_pred, config=config,
+                             generator=generator, draws=draws)
 
 
 @contextmanager
