@@ -24,7 +24,7 @@ COMMAND_MODULES = (
     "ncppo.train.commands",  # train
     "ncppo.evaluate.commands",  # sample, score, compare
     "ncppo.data.commands",  # data check | curate | cache
-    "ncppo.toy.commands",  # demo, toy build | data | tune
+    "ncppo.toy.commands",  # demo, toy build | data | study
     "ncppo.sbs.commands",  # sbs serve | results | export
     "ncppo.publish.commands",  # export (kohya, diffusers, merged; model card)
 )
@@ -61,8 +61,20 @@ def main(argv: list[str] | None = None) -> int:
     except EXPECTED as err:
         if debug:
             raise
-        print(f"ncppo {_command_name(args)}: error: {_one_line(err)}", file=sys.stderr)
+        _close_progress_bars()
+        sys.stderr.write(f"ncppo {_command_name(args)}: error: {_one_line(err)}\n")  # one write: no interleaving
+        sys.stderr.flush()
         return 2
+
+
+def _close_progress_bars() -> None:
+    """End a tqdm bar the error interrupted, so the error starts on its own line."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def _command_name(args) -> str:

@@ -1,4 +1,4 @@
-"""`ncppo demo` and `ncppo toy build | data | tune`: thin wrappers over the toy modules."""
+"""`ncppo demo` and `ncppo toy build | data | study`: thin wrappers over the toy modules."""
 
 from __future__ import annotations
 
@@ -17,13 +17,14 @@ def _add(subparsers, name, cls, func, help, description):
 def register(subparsers) -> None:
     from .base import BuildConfig
     from .data import DataConfig
-    from .demo import DemoConfig, TuneConfig
+    from .demo import DemoConfig
+    from .study import StudyConfig
 
     _add(subparsers, "demo", DemoConfig, _demo, help="Toy-world demo: latent-DPO vs NCP-DPO on CPU, no downloads.",
          description="Load the shipped tiny base, make judge-labelled pairs, train latent-DPO and NCP-DPO LoRAs "
                      "with the same budget, score held-out prompts with the toy judge, write report.md, "
                      "results.json and figures.")
-    toy = subparsers.add_parser("toy", help="The toy world: build the base, make pairs, tune beta/lr.",
+    toy = subparsers.add_parser("toy", help="The toy world: build the base, make pairs, run the NCP vs latent study.",
                                 description="The toy image world (see docs/toy.md).")
     toy_sub = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND")
     toy.set_defaults(func=lambda args: toy.print_help() or 2)
@@ -31,9 +32,11 @@ def register(subparsers) -> None:
          description="Reproduce the shipped toy base: VAE, cached latents, U-Net + text encoder.")
     _add(toy_sub, "data", DataConfig, _data, help="Make Pick-a-Pic-schema pairs labelled by the toy judge.",
          description="Write a parquet shard of toy-world pairs (caption, jpg_0, jpg_1, label_0, ...).")
-    _add(toy_sub, "tune", TuneConfig, _tune, help="Grid-search beta and lr per space on the validation prompts.",
-         description="Train latent-DPO and NCP-DPO for every (beta, lr) of a small grid, score the validation "
-                     "prompts with the judge, write the grid and the chosen values.")
+    _add(toy_sub, "study", StudyConfig, _study, help="NCP-DPO vs latent-DPO with statistical power; beta transfer.",
+         description="Normalised-beta grids per space (widened until the best is interior), each space at its best "
+                     "over several training seeds with held-out images, score curves with bands, a pooled head-to-head "
+                     "win rate, NCP variants and other objectives; resumable (skips runs already in results.json); "
+                     "writes report.md, results.json and figures. See docs/study.md.")
 
 
 def _build(cfg) -> int:
@@ -59,8 +62,8 @@ def _demo(cfg) -> int:
     return 0
 
 
-def _tune(cfg) -> int:
-    from .demo import run_tune
+def _study(cfg) -> int:
+    from .study import run_study
 
-    run_tune(cfg)
+    run_study(cfg)
     return 0

@@ -1,4 +1,4 @@
-"""report.md of `ncppo demo`: the table, the tuning grid, the timings, the figures."""
+"""report.md of `ncppo demo`: the table, the timings, the figures, and where the betas come from."""
 
 from __future__ import annotations
 
@@ -9,24 +9,29 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def write_report(path: Path, results: dict, cfg, resolved: dict, tune: dict | None) -> Path:
+def write_report(path: Path, results: dict, cfg, resolved: dict, study: dict | None) -> Path:
     t = results["timings_s"]
     ev = results["eval"]
     lines = [
         "# ncppo demo: latent-DPO vs NCP-DPO in the toy world", "",
         f"Base: `{resolved['model']}`. {resolved['pairs']} judge-labelled pairs on the train prompts; "
-        f"{results['steps']} steps of LoRA (rank {cfg.lora_rank}) DPO per method, batch {cfg.batch_size} pairs, "
-        f"seed {cfg.seed}. Held-out eval: {len(ev['prompts'])} prompts x {ev['seeds_per_prompt']} seeds = "
-        f"{ev['images']} images per model, DDIM {cfg.sample_steps} steps, guidance {cfg.guidance}. Win rates: "
-        "share of (prompt, seed) where the model's image outscores the other's (ties count half); "
-        "95% paired-bootstrap intervals.", "",
-        "| model | beta | lr | mean judge score | win rate vs base [95% CI] |", "|---|---|---|---|---|",
+        f"{results['steps']} steps of LoRA (rank {cfg.lora_rank}) DPO per method, batch {resolved['batch_size']} pairs, "
+        f"seed {cfg.seed} (one training seed: this run alone cannot say which method is better; see the study). "
+        f"Held-out eval: {len(ev['prompts'])} prompts x {ev['seeds_per_prompt']} seeds = {ev['images']} images per "
+        f"model, DDIM {resolved['sample_steps']} steps, guidance {cfg.guidance}. Win rates: share of (prompt, seed) "
+        "where the model's image outscores the other's (ties count half); 95% two-stage bootstrap intervals "
+        "(prompts, then seeds inside them, widened for few prompts).", "",
+        "| model | beta | effective raw beta | mean judge score [95% CI] | win rate vs base [95% CI] |",
+        "|---|---|---|---|---|",
         f"| base | - | - | {results['base']['mean_score']:.3f} | - |",
     ]
     for key, name in (("latent", "latent-DPO"), ("ncp", "NCP-DPO")):
         r, s = results[key], results["settings"][key]
         lo, hi = r["win_rate_vs_base_ci95"]
-        lines.append(f"| {name} | {s['beta']:g} | {s['lr']:g} | {r['mean_score']:.3f} | "
+        mlo, mhi = r.get("mean_score_ci95", (float("nan"), float("nan")))
+        beta = f"{s['beta']:g}" + (" (normalised)" if s.get("beta_normalize") else "")
+        eff = "-" if s.get("effective_beta") is None else f"{s['effective_beta']:.3g}"
+        lines.append(f"| {name} | {beta} | {eff} | {r['mean_score']:.3f} [{mlo:.3f}, {mhi:.3f}] | "
                      f"{_pct(r['win_rate_vs_base'])} [{_pct(lo)}, {_pct(hi)}] |")
     h2h = results["ncp_vs_latent"]
     lo, hi = h2h["ci95"]
@@ -34,25 +39,21 @@ def write_report(path: Path, results: dict, cfg, resolved: dict, tune: dict | No
     reach = results["ncp_steps_to_latent_final"]
     target = results["latent_final_curve_score"]
     if target is not None:
-        lines.append(f"Steps NCP-DPO needed to reach latent-DPO's final curve score ({target:.3f}): "
+        lines.append(f"Steps NCP-DPO needed to reach latent-DPO's final curve score ({target:.3f}, "
+                     f"{ev.get('curve_images', '?')} images a point): "
                      + (f"**{reach}** of {results['steps']}." if reach is not None
                         else f"not reached within {results['steps']} steps."))
         lines.append("")
     lines += ["| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in t.items()]
-    lines += ["", "![judge score over steps](judge_over_steps.png)", "",
-              "![samples: rows base, latent-DPO, NCP-DPO; same prompt and seed per column](samples.png)", ""]
-    if tune:
-        lines += [f"## Beta / lr grid (`ncppo toy tune`, validation prompts, {tune['steps']} steps, "
-                  f"{tune['val_seeds']} seeds per prompt)", "",
-                  "| space | beta | lr | final validation score | win rate vs base |", "|---|---|---|---|---|"]
-        for g in tune["grid"]:
-            chosen = tune["chosen"][g["space"]]
-            mark = " (chosen)" if chosen["beta"] == g["beta"] and chosen["lr"] == g["lr"] else ""
-            wr = "n/a" if g.get("win_rate_vs_base") is None else _pct(g["win_rate_vs_base"])
-            lines.append(f"| {g['space']}{mark} | {g['beta']:g} | {g['lr']:g} | {g['mean_score']:.3f} | {wr} |")
-        lines.append("")
+    lines += ["", "![judge score over steps, 95% bands](judge_over_steps.png)", "",
+              "![samples: rows base, latent-DPO, NCP-DPO; columns: prompt and seed](samples.png)", ""]
+    if study:
+        lines += ["## Where the betas come from", "",
+                  f"`ncppo toy study` (docs/study.md): normalised-beta grids per space on the validation prompts "
+                  f"chose latent {study['chosen']['latent']:g} and NCP {study['chosen']['ncp']:g}. "
+                  + (study.get("headline") or ""), ""]
     else:
-        lines += ["No tuning record shipped (run `ncppo toy tune`).", ""]
+        lines += ["No study record shipped (run `ncppo toy study`).", ""]
     path.write_text("\n".join(lines))
     return path

@@ -1,0 +1,349 @@
+"""Statistics, report.md and figures of `ncppo toy study`, computed from its results.json.
+
+Every interval is a 95% two-stage bootstrap interval (`ncppo.evaluate.stats`): over the prompts
+(and the seeds inside them) for one training run; over training seeds and prompts crossed (then
+the images inside each cell) when runs of several training seeds are pooled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..evaluate.stats import two_stage_bootstrap, win_rate_interval, win_values
+
+SPACES = ("latent", "ncp")
+NAMES = {"latent": "latent-DPO", "ncp": "NCP-DPO"}
+
+
+def _prompt_groups(prompts: list[str]) -> np.ndarray:
+    return np.unique(np.asarray(prompts), return_inverse=True)[1].reshape(-1)
+
+
+def _runs(data: dict, *, phase: str, objective: str = "dpo", space: str | None = None, mode="t-1",
+          layers="down") -> list[dict]:
+    out = []
+    for r in data["runs"].values():
+        s = r["spec"]
+        if r["phase"] != phase or s["objective"] != objective or (space and s["space"] != space):
+            continue
+        if s["space"] == "ncp" and (s["timestep_mode"], s["ncp_layers"]) != (mode, layers):
+            continue
+        out.append(r)
+    return sorted(out, key=lambda r: (r["spec"]["beta"], r["spec"]["seed"]))
+
+
+def grid_table(data: dict, space: str, objective: str = "dpo", n_resamples: int = 4000) -> list[dict]:
+    """One row per grid value: mean validation score, its difference from the grid's best (paired
+    on the same images) with an interval, and the measured error scale / effective raw beta."""
+    runs = _runs(data, phase="grid", objective=objective, space=space)
+    if not runs:
+        return []
+    base = data["base"]["validation"]
+    groups = _prompt_groups(base["prompts"])
+    best = max(runs, key=lambda r: np.mean(r["scores"]))
+    rows = []
+    for r in runs:
+        diff = np.asarray(r["scores"]) - np.asarray(best["scores"])
+        lo, hi = two_stage_bootstrap(diff, groups, n_resamples=n_resamples) if r is not best else (0.0, 0.0)
+        bn = r.get("beta_normalization") or {}
+        rows.append(dict(beta=r["spec"]["beta"], mean=float(np.mean(r["scores"])), diff=float(diff.mean()),
+                         diff_ci=[lo, hi], best=r is best, error_scale=bn.get("error_scale"),
+                         effective_beta=bn.get("effective_beta"),
+                         win_vs_base=float(win_values(r["scores"], base["scores"]).mean())))
+    return rows
+
+
+def common_beta(tables: dict[str, list[dict]]) -> float | None:
+    """The normalised beta tried in every table whose worst shortfall from a table's best is smallest."""
+    shared = set.intersection(*({row["beta"] for row in rows} for rows in tables.values())) if tables else set()
+    if not shared:
+        return None
+    return max(sorted(shared), key=lambda b: min(row["diff"] for rows in tables.values() for row in rows
+                                                 if row["beta"] == b))
+
+
+def _near_best(rows: list[dict], beta: float) -> bool | None:
+    row = next((r for r in rows if r["beta"] == beta), None)
+    return None if row is None else bool(row["best"] or row["diff_ci"][1] >= 0)
+
+
+def _pooled(runs: list[dict], base: dict, n_resamples: int) -> dict:
+    """Mean score and win rate vs the base of runs of several seeds on the same held-out images."""
+    prompts = _prompt_groups(base["prompts"])
+    scores = np.concatenate([r["scores"] for r in runs])
+    groups = np.stack([np.repeat(np.arange(len(runs)), len(prompts)), np.tile(prompts, len(runs))], 1)
+    wins = np.concatenate([win_values(r["scores"], base["scores"]) for r in runs])
+    lo, hi = two_stage_bootstrap(scores, groups, n_resamples=n_resamples)
+    wlo, whi = win_rate_interval(wins, groups, n_resamples=n_resamples)
+    return dict(seeds=[r["spec"]["seed"] for r in runs], mean=float(scores.mean()), mean_ci=[lo, hi],
+                win_vs_base=float(wins.mean()), win_vs_base_ci=[wlo, whi],
+                per_seed=[float(np.mean(r["scores"])) for r in runs])
+
+
+def head_to_head(a: list[dict], b: list[dict], base: dict, n_resamples: int) -> dict | None:
+    """Win rate of runs `a` over runs `b` of the same training seeds, pooled and per seed."""
+    by_seed = {r["spec"]["seed"]: r for r in b}
+    pairs = [(r, by_seed[r["spec"]["seed"]]) for r in a if r["spec"]["seed"] in by_seed]
+    if not pairs:
+        return None
+    prompts = _prompt_groups(base["prompts"])
+    wins = [win_values(x["scores"], y["scores"]) for x, y in pairs]
+    flat = np.concatenate(wins)
+    groups = np.stack([np.repeat(np.arange(len(pairs)), len(prompts)), np.tile(prompts, len(pairs))], 1)
+    lo, hi = win_rate_interval(flat, groups, n_resamples=n_resamples)
+    per_seed = []
+    for (x, _), w in zip(pairs, wins):
+        slo, shi = win_rate_interval(w, prompts, n_resamples=n_resamples)
+        per_seed.append(dict(seed=x["spec"]["seed"], win_rate=float(w.mean()), ci=[slo, shi]))
+    return dict(win_rate=float(flat.mean()), ci=[lo, hi], seeds=len(pairs), images=int(flat.size), per_seed=per_seed)
+
+
+def curves(runs: list[dict], prompts_per_point: list[str] | None, n_resamples: int) -> list[dict]:
+    """Pooled mean held-out score per curve step over training seeds, with a 95% band (training
+    seeds and prompts crossed, then images)."""
+    steps = sorted({h["step"] for r in runs for h in r.get("curve") or []})
+    out = []
+    for step in steps:
+        per_run = [next(h["scores"] for h in r["curve"] if h["step"] == step) for r in runs
+                   if any(h["step"] == step for h in r.get("curve") or [])]
+        if not per_run:
+            continue
+        n = len(per_run[0])
+        prompts = _prompt_groups(prompts_per_point) if prompts_per_point and len(prompts_per_point) == n else \
+            np.arange(n)
+        scores = np.concatenate(per_run)
+        groups = np.stack([np.repeat(np.arange(len(per_run)), n), np.tile(prompts, len(per_run))], 1)
+        lo, hi = two_stage_bootstrap(scores, groups, n_resamples=n_resamples)
+        out.append(dict(step=step, mean=float(scores.mean()), low=lo, high=hi, seeds=len(per_run),
+                        per_seed=[float(np.mean(s)) for s in per_run]))
+    return out
+
+
+def steps_to_reach(a: list[dict], b: list[dict], n_resamples: int = 2000, seed: int = 0) -> dict | None:
+    """Steps `a` needs (pooled curve, seed mean) to reach `b`'s final pooled curve score, and a
+    bootstrap interval resampling the training seeds (both methods' seeds together)."""
+    by_seed = {r["spec"]["seed"]: r for r in b}
+    pairs = [(x, by_seed[x["spec"]["seed"]]) for x in a if x["spec"]["seed"] in by_seed]
+    if not pairs or not pairs[0][0].get("curve"):
+        return None
+    steps = [h["step"] for h in pairs[0][0]["curve"]]
+    ca = np.array([[np.mean(h["scores"]) for h in x["curve"]] for x, _ in pairs])  # (seeds, steps)
+    cb = np.array([[np.mean(h["scores"]) for h in y["curve"]] for _, y in pairs])
+
+    def reach(idx) -> float:
+        target = cb[idx, -1].mean()
+        curve = ca[idx].mean(0)
+        hit = [s for s, v in zip(steps, curve) if s > 0 and v >= target]
+        return float(hit[0]) if hit else math.inf
+
+    point = reach(np.arange(len(pairs)))
+    rng = np.random.default_rng(seed)
+    draws = np.array([reach(rng.integers(0, len(pairs), len(pairs))) for _ in range(n_resamples)])
+    # "never" ranks above every step: quantiles on a stand-in past the budget, mapped back to inf
+    beyond = steps[-1] + 1.0
+    lo, hi = (math.inf if q > steps[-1] else float(q)
+              for q in np.quantile(np.where(np.isinf(draws), beyond, draws), [0.025, 0.975], method="lower"))
+    return dict(steps=None if math.isinf(point) else point, ci=[_finite(lo), _finite(hi)],
+                never_share=float(np.isinf(draws).mean()), target=float(cb[:, -1].mean()), seeds=len(pairs),
+                budget=steps[-1])
+
+
+def _finite(x: float) -> float | None:
+    return None if math.isinf(x) else float(x)
+
+
+def summarise(data: dict, n_resamples: int = 10000) -> dict:
+    """Everything the report states, from the stored runs."""
+    s: dict = {"grids": {}, "objectives": {}, "final": {}, "variants": {}}
+    for space in SPACES:
+        s["grids"][space] = grid_table(data, space, "dpo")
+    tables = {k: v for k, v in s["grids"].items() if v}
+    common = common_beta(tables) if len(tables) == len(SPACES) else None
+    s["common_beta"] = common
+    s["chosen"] = {space: next((r["beta"] for r in rows if r["best"]), None) for space, rows in s["grids"].items()}
+    s["interior"] = {space: bool(rows) and not (rows[0]["best"] or rows[-1]["best"])
+                     for space, rows in s["grids"].items()}
+    s["common_near_best"] = {space: _near_best(rows, common) for space, rows in tables.items()} if common else {}
+    objectives = sorted({r["spec"]["objective"] for r in data["runs"].values() if r["phase"] == "grid"} - {"dpo"})
+    for objective in objectives:
+        rows = {space: grid_table(data, space, objective) for space in SPACES}
+        s["objectives"][objective] = dict(rows=rows, near_best={space: _near_best(r, common) for space, r in
+                                                                  rows.items() if r and common is not None})
+    base = data["base"].get("eval")
+    final = {space: _runs(data, phase="final", space=space) for space in SPACES}
+    if base and all(final.values()):
+        curve_prompts = [p for p in sorted(set(base["prompts"]), key=base["prompts"].index)]
+        k = len(final["ncp"][0]["curve"][0]["scores"]) // len(curve_prompts) if final["ncp"][0].get("curve") else 0
+        per_point = [p for p in curve_prompts for _ in range(k)]
+        s["final"] = dict(
+            base_mean=float(np.mean(base["scores"])), images_per_model_and_seed=len(base["scores"]),
+            spaces={space: _pooled(runs, base, n_resamples) for space, runs in final.items()},
+            ncp_vs_latent=head_to_head(final["ncp"], final["latent"], base, n_resamples),
+            curves={space: curves(runs, per_point, min(n_resamples, 2000)) for space, runs in final.items()},
+            ncp_steps_to_latent_final=steps_to_reach(final["ncp"], final["latent"]),
+            latent_steps_to_ncp_final=steps_to_reach(final["latent"], final["ncp"]),
+            seconds_per_run={space: float(np.mean([r.get("seconds", 0) for r in runs])) for space, runs in final.items()})
+    variants = {}
+    for r in data["runs"].values():
+        if r["phase"] == "variants":
+            variants.setdefault(f"{r['spec']['timestep_mode']}/{r['spec']['ncp_layers']}", []).append(r)
+    if base and variants:
+        reference = dict(variants)
+        if final.get("ncp"):
+            reference = {"t-1/down": final["ncp"], **variants}
+        for name, runs in reference.items():
+            runs = sorted(runs, key=lambda r: r["spec"]["seed"])
+            seeds = {r["spec"]["seed"] for r in runs}
+            if name == "t-1/down":
+                runs = [r for r in runs if r["spec"]["seed"] in {x["spec"]["seed"] for v in variants.values()
+                                                                   for x in v}] or runs
+                seeds = {r["spec"]["seed"] for r in runs}
+            entry = _pooled(runs, base, n_resamples)
+            bn = [r.get("beta_normalization") or {} for r in runs]
+            entry["error_scale"] = float(np.mean([b["error_scale"] for b in bn if b.get("error_scale")] or [np.nan]))
+            entry["beta"] = runs[0]["spec"]["beta"]
+            entry["vs_latent"] = head_to_head(runs, [r for r in final.get("latent", []) if r["spec"]["seed"] in seeds],
+                                              base, n_resamples)
+            if name != "t-1/down" and final.get("ncp"):
+                entry["vs_t1_down"] = head_to_head(runs, final["ncp"], base, n_resamples)
+            variants[name] = entry
+        s["variants"] = {name: variants[name] for name in reference}
+    return s
+
+
+# ---------------------------------------------------------------- report
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _ci(ci, pct=True) -> str:
+    f = _pct if pct else (lambda v: f"{v:.3f}")
+    return f"[{f(ci[0])}, {f(ci[1])}]"
+
+
+def _raw(v) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+def write_study_report(out: Path, data: dict, cfg) -> Path:
+    """report.md, results.json's "summary" and the figures, in `out`."""
+    from .figures import band_plot, grid_plot
+
+    s = summarise(data, cfg.bootstrap)
+    data["summary"] = s
+    (out / "results.json").write_text(json.dumps(data, indent=1))
+    dev = data.get("device", {})
+    device = (f"{dev.get('cuda')} (fp32)" if dev.get("cuda") else
+              f"CPU, {dev.get('cpu_count')} cores ({dev.get('machine')}), {dev.get('torch_threads')} torch threads, "
+              f"fp32, torch {dev.get('torch')}")
+    val = data["base"].get("validation")
+    c = data.get("config", {})
+    lines = ["# ncppo toy study: latent-DPO vs NCP-DPO, and one normalised beta", "",
+             f"Measured here on: {device}. Every run: LoRA rank {c.get('lora_rank')}, {c.get('steps')} steps of "
+             f"{c.get('batch_size')} pairs, lr {c.get('lr')}, {c.get('pairs')} judge-labelled pairs per training seed, "
+             f"`--beta-normalize` (beta divided by the mean reference error of the first "
+             f"{c.get('beta_normalize_batches')} micro-batches). Images: DDIM {c.get('sample_steps')} steps, guidance "
+             f"{c.get('guidance')}, scored by the toy judge. Intervals: 95% two-stage bootstrap (prompts, then seeds "
+             "inside them; training seeds and prompts crossed when seeds are pooled), widened for few prompts "
+             "(docs/evaluation.md).", ""]
+    lines += ["## 1. Beta grids (DPO, validation prompts, training seed 0)", ""]
+    if val:
+        lines.append(f"{len(val['scores'])} validation images per grid point ({len(set(val['prompts']))} prompts x "
+                     f"{len(val['scores']) // max(1, len(set(val['prompts'])))} seeds); base mean "
+                     f"{np.mean(val['scores']):.3f}. Difference: paired on the same images, vs the grid's best.")
+        lines.append("")
+    lines += ["| space | normalised beta | error scale | raw beta (effective) | mean score | vs best [95% CI] | "
+              "win vs base |", "|---|---|---|---|---|---|---|"]
+    for space, rows in s["grids"].items():
+        for r in rows:
+            mark = " **best**" if r["best"] else ""
+            lines.append(f"| {NAMES[space]}{mark} | {r['beta']:g} | {_raw(r['error_scale'])} | "
+                         f"{_raw(r['effective_beta'])} | {r['mean']:.3f} | {r['diff']:+.3f} "
+                         f"{_ci(r['diff_ci'], pct=False)} | {_pct(r['win_vs_base'])} |")
+    lines.append("")
+    for space, ok in s["interior"].items():
+        if s["grids"][space]:
+            lines.append(f"- {NAMES[space]}: best normalised beta {s['chosen'][space]:g} "
+                         + ("(interior: worse values on both sides)." if ok else "(**on the grid's edge**)."))
+    if s["common_beta"] is not None:
+        near = s["common_near_best"]
+        lines.append(f"- One value for both spaces: {s['common_beta']:g} (smallest worst shortfall from each grid's "
+                     "best); within noise of the best (interval of the difference reaches 0): "
+                     + ", ".join(f"{NAMES[k]} {'yes' if v else 'no'}" for k, v in near.items()) + ".")
+    lines.append("")
+    if s["objectives"]:
+        lines += ["## 2. Does the normalised beta transfer across objectives?", "",
+                  "Other objectives at the common normalised beta x factors, both spaces, same validation images.",
+                  "", "| objective | space | normalised beta | raw beta (effective) | mean score | vs best [95% CI] |",
+                  "|---|---|---|---|---|---|"]
+        for objective, entry in s["objectives"].items():
+            for space, rows in entry["rows"].items():
+                for r in rows:
+                    mark = " **best**" if r["best"] else ""
+                    lines.append(f"| {objective} | {NAMES[space]}{mark} | {r['beta']:g} | {_raw(r['effective_beta'])}"
+                                 f" | {r['mean']:.3f} | {r['diff']:+.3f} {_ci(r['diff_ci'], pct=False)} |")
+            near = entry["near_best"]
+            lines.append("")
+            lines.append(f"{objective}: the common value {s['common_beta']:g} is within noise of the best in "
+                         + ", ".join(f"{NAMES[k]}: {'yes' if v else 'no'}" for k, v in near.items()) + ".")
+            lines.append("")
+    f = s.get("final")
+    if f:
+        n_seeds = len(f["spaces"]["ncp"]["seeds"])
+        lines += ["## 3. Held-out comparison at each space's best beta", "",
+                  f"{n_seeds} training seeds per method ({', '.join(str(x) for x in f['spaces']['ncp']['seeds'])}; "
+                  f"the grid used seed 0), {f['images_per_model_and_seed']} held-out images per model and seed "
+                  f"(6 eval prompts never used for choosing); base mean {f['base_mean']:.3f}.", "",
+                  "| method | normalised beta | mean score [95% CI] | per seed | win vs base [95% CI] |",
+                  "|---|---|---|---|---|"]
+        for space, e in f["spaces"].items():
+            lines.append(f"| {NAMES[space]} | {s['chosen'][space]:g} | {e['mean']:.3f} {_ci(e['mean_ci'], False)} | "
+                         + ", ".join(f"{x:.2f}" for x in e["per_seed"])
+                         + f" | {_pct(e['win_vs_base'])} {_ci(e['win_vs_base_ci'])} |")
+        h = f["ncp_vs_latent"]
+        lines += ["", f"**NCP-DPO vs latent-DPO, head to head, pooled over {h['seeds']} seeds x "
+                      f"{h['images'] // h['seeds']} images: {_pct(h['win_rate'])} {_ci(h['ci'])}.** Per seed: "
+                  + "; ".join(f"seed {p['seed']} {_pct(p['win_rate'])} {_ci(p['ci'])}" for p in h["per_seed"]) + ".",
+                  ""]
+        for key, a, b in (("ncp_steps_to_latent_final", "NCP-DPO", "latent-DPO"),
+                          ("latent_steps_to_ncp_final", "latent-DPO", "NCP-DPO")):
+            r = f[key]
+            if r:
+                lo, hi = r["ci"]
+                text = "not within the budget" if r["steps"] is None else f"{r['steps']:.0f}"
+                lines.append(f"- Steps {a} needs to reach {b}'s final curve score ({r['target']:.3f}, mean of "
+                             f"{r['seeds']} seeds): **{text}** of {r['budget']}; 95% interval over seeds "
+                             f"[{'>budget' if lo is None else f'{lo:.0f}'}, {'>budget' if hi is None else f'{hi:.0f}'}]"
+                             f" (not reached in {_pct(r['never_share'])} of resamples).")
+        lines += ["", "![held-out score over steps, 95% bands](curves.png)", ""]
+    if s["variants"]:
+        lines += ["## 4. NCP variants (timestep mode / encoder layers)", "",
+                  "Each at NCP-DPO's best normalised beta (no own grid: this also tests the normalisation), "
+                  "same held-out images.", "",
+                  "| variant | error scale | seeds | mean score [95% CI] | win vs base | vs latent-DPO | vs t-1/down |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, e in s["variants"].items():
+            vl, vt = e.get("vs_latent"), e.get("vs_t1_down")
+            lines.append(f"| {name} | {_raw(e['error_scale'])} | {len(e['seeds'])} | {e['mean']:.3f} "
+                         f"{_ci(e['mean_ci'], False)} | {_pct(e['win_vs_base'])} {_ci(e['win_vs_base_ci'])} | "
+                         + (f"{_pct(vl['win_rate'])} {_ci(vl['ci'])}" if vl else "-") + " | "
+                         + (f"{_pct(vt['win_rate'])} {_ci(vt['ci'])}" if vt else "-") + " |")
+        lines.append("")
+    lines += ["![validation score over the normalised beta grid](grid.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    if f:
+        series = {space: [(p["step"], p["mean"], p["low"], p["high"]) for p in f["curves"][space]]
+                  for space in SPACES}
+        target = f["ncp_steps_to_latent_final"]["target"] if f.get("ncp_steps_to_latent_final") else None
+        band_plot(series, target, title="held-out judge score, mean over training seeds, 95% band").save(
+            out / "curves.png")
+    grid_plot({NAMES[space]: [(r["beta"], r["mean"], r["mean"] + r["diff_ci"][0] - r["diff"],
+                               r["mean"] + r["diff_ci"][1] - r["diff"]) for r in rows]
+               for space, rows in s["grids"].items() if rows}).save(out / "grid.png")
+    return out / "report.md"
