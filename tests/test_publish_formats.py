@@ -19,7 +19,7 @@ from ncppo.manifest import write_manifest
 from ncppo.models import FAMILIES, SDAdapter, load_model
 from ncppo.publish.export import ExportConfig, check_format, run_export
 from ncppo.publish.run import load_run
-from ncppo.train.checkpoint import LORA_FILE, STATE_FILE
+from ncppo.train.checkpoint import LORA_FILE, STATE_FILE, run_identity
 from ncppo.train.config import TrainConfig
 
 RANK, ALPHA = 4, 12.0
@@ -52,7 +52,8 @@ def run(request, tmp_path_factory):
     ckpt = out / "checkpoint-7"
     ckpt.mkdir()
     save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(unet).items()}, ckpt / LORA_FILE)
-    (ckpt / STATE_FILE).write_text(json.dumps({"step": 7}))
+    identity = run_identity(config, processes=1, data_fingerprint="f1ng3rpr1nt", pairs=6)
+    (ckpt / STATE_FILE).write_text(json.dumps({"step": 7, "run": identity}))
     return SimpleNamespace(family=family, model=str(model), dir=out, checkpoint=ckpt, unet=unet)
 
 
@@ -189,7 +190,7 @@ def test_refusals_are_one_line_and_a_bare_checkpoint_needs_alpha(run, tmp_path, 
     out = tmp_path / "bare.safetensors"
     assert main(["export", str(bare), "--format", "kohya", "--out", str(out)]) == 2
     assert "--lora-alpha" in capsys.readouterr().err
-    args = ["export", str(bare), "--format", "kohya", "--out", str(out), "--model", run.model, "--lora-alpha", "12"]
+    args = ["export", str(bare), "--format", "kohya", "--out", str(out), "--lora-alpha", "12"]  # model: trainer state
     assert main(args) == 0
     full = tmp_path / "full.safetensors"
     run_export(ExportConfig(run=str(run.checkpoint), format="kohya", out=str(full)))

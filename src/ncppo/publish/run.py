@@ -54,9 +54,7 @@ class TrainedRun:
 
     @property
     def rank(self) -> int | None:
-        if not self.lora:
-            return None
-        return next(v.shape[0] for k, v in self.lora.items() if k.endswith("lora_A.weight"))
+        return _rank(self.lora) if self.lora else None
 
     def lora_config(self) -> dict[str, Any]:
         """peft's LoraConfig of the adapter as a dict (what diffusers stores as lora_adapter_metadata)."""
@@ -132,28 +130,34 @@ def load_run(path: str | Path, *, model: str | None = None, lora_alpha: float | 
     else:
         step = (manifest or {}).get("steps")
         if (path / WEIGHTS_FILE).is_file():
-            lora, stored_alpha = read_diffusers_lora(path / WEIGHTS_FILE)
+            lora = path / WEIGHTS_FILE  # read below, once the family names the component prefix
         elif (path / "unet" / "config.json").is_file():
             full_unet = path / "unet"
         else:
             raise MissingInputError(f"RUN {path}: neither a training output ({WEIGHTS_FILE} or unet/) nor a "
                                     f"checkpoint folder ({STATE_FILE})")
 
+    model = model or config.get("model")
+    if not model:
+        also = " and --lora-alpha" if checkpoint and not (lora_alpha or config.get("lora_alpha")) else ""
+        raise InputError(f"RUN {path}: no manifest.json in {output_dir} names the base model; pass --model{also}")
+    family = family or config.get("family") or "auto"
+    if family == "auto":
+        family = _detect_family(model, config.get("revision"))
+    if isinstance(lora, Path):
+        from ..models import FAMILIES
+
+        lora, stored_alpha = read_diffusers_lora(lora, FAMILIES[family].lora_component)
+
     alpha = None
     if lora is not None:
-        rank = next(v.shape[0] for k, v in lora.items() if k.endswith("lora_A.weight"))
+        rank = _rank(lora)
         alpha = lora_alpha or stored_alpha or config.get("lora_alpha")
         if not alpha and "objective" in config:  # a full training config without --lora-alpha: alpha = rank
             alpha = rank
         if not alpha:
             raise InputError(f"RUN {path}: no manifest.json in {output_dir} says the LoRA alpha; pass "
                              f"--lora-alpha (the run's --lora-alpha, or its rank {rank} if it had none)")
-    model = model or config.get("model")
-    if not model:
-        raise InputError(f"RUN {path}: no manifest.json in {output_dir} names the base model; pass --model")
-    family = family or config.get("family") or "auto"
-    if family == "auto":
-        family = _detect_family(model, config.get("revision"))
     return TrainedRun(path=path, output_dir=output_dir, model=model, family=family, step=step, config=config,
                       manifest=manifest, lora=lora, alpha=float(alpha) if alpha else None, full_unet=full_unet,
                       checkpoint=checkpoint)
@@ -164,23 +168,28 @@ _IDENTITY_CONFIG = ("model", "vae", "revision", "variant", "finetune", "lora_ran
                     "gradient_accumulation_steps")
 
 
-def read_diffusers_lora(file: str | Path) -> tuple[dict[str, torch.Tensor], float | None]:
-    """A diffusers-format U-Net LoRA file -> (peft-keyed state dict, alpha from its metadata or None)."""
+def read_diffusers_lora(file: str | Path, component: str = "unet") -> tuple[dict[str, torch.Tensor], float | None]:
+    """A diffusers-format LoRA file of one pipeline component -> (peft-keyed state dict, alpha from
+    its lora_adapter_metadata or None)."""
     from diffusers.utils import convert_unet_state_dict_to_peft
     from safetensors import safe_open
 
     with safe_open(str(file), framework="pt") as fh:
         metadata = fh.metadata() or {}
         state = {k: fh.get_tensor(k) for k in fh.keys()}
-    prefix = "unet."
+    prefix = component + "."
     others = [k for k in state if not k.startswith(prefix)]
     if others:
-        raise InputError(f"{file}: only U-Net LoRA keys ({prefix}*) can be exported; found {others[0]!r}")
+        raise InputError(f"{file}: only {component} LoRA keys ({prefix}*) can be exported; found {others[0]!r}")
     state = convert_unet_state_dict_to_peft({k[len(prefix):]: v for k, v in state.items()})
     alpha = None
     if METADATA_KEY in metadata:
         alpha = json.loads(metadata[METADATA_KEY]).get(prefix + "lora_alpha")
     return state, alpha
+
+
+def _rank(lora: dict[str, torch.Tensor]) -> int:
+    return next(v.shape[0] for k, v in lora.items() if k.endswith("lora_A.weight"))
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
