@@ -90,6 +90,9 @@ def test_all_phases_statistics_and_report(tmp_path):
     for name in ("curves.png", "grid.png", "results.json"):
         assert (tmp_path / "study" / name).is_file()
     assert json.loads((tmp_path / "study" / "results.json").read_text())["summary"]["chosen"]["ncp"] == 30.0
+    shipped = json.loads((tmp_path / "study" / "study_summary.json").read_text())  # what the demo ships
+    assert shipped["chosen"] == {"latent": 0.03, "ncp": 30.0} and shipped["ncp_vs_latent"]["win_rate"] == h["win_rate"]
+    assert "NCP-DPO vs latent-DPO" in shipped["headline"] and "CPU" in shipped["headline"]
 
 
 def test_later_phases_need_the_grid(tmp_path):

@@ -231,17 +231,36 @@ def _raw(v) -> str:
     return "-" if v is None else f"{v:.3g}"
 
 
+def _device_text(dev: dict) -> str:
+    return (f"{dev.get('cuda')} (fp32)" if dev.get("cuda") else
+            f"CPU, {dev.get('cpu_count')} cores ({dev.get('machine')}), {dev.get('torch_threads')} torch threads, "
+            f"fp32, torch {dev.get('torch')}")
+
+
+def compact(data: dict, s: dict) -> dict:
+    """The few numbers the demo ships (assets/study.json): the chosen normalised betas and the headline."""
+    out = dict(chosen=s["chosen"], common_beta=s["common_beta"], common_near_best=s["common_near_best"],
+               interior=s["interior"], device=_device_text(data.get("device", {})))
+    f = s.get("final")
+    if f:
+        h = f["ncp_vs_latent"]
+        out["ncp_vs_latent"] = {k: h[k] for k in ("win_rate", "ci", "seeds", "images")}
+        out["mean_score"] = {space: {k: e[k] for k in ("mean", "mean_ci", "win_vs_base", "win_vs_base_ci")}
+                             for space, e in f["spaces"].items()}
+        out["headline"] = (f"Held out, {h['seeds']} training seeds x {h['images'] // h['seeds']} images: NCP-DPO vs "
+                           f"latent-DPO {_pct(h['win_rate'])} {_ci(h['ci'])} ({out['device']}).")
+    return out
+
+
 def write_study_report(out: Path, data: dict, cfg) -> Path:
-    """report.md, results.json's "summary" and the figures, in `out`."""
+    """report.md, results.json's "summary", study_summary.json and the figures, in `out`."""
     from .figures import band_plot, grid_plot
 
     s = summarise(data, cfg.bootstrap)
     data["summary"] = s
     (out / "results.json").write_text(json.dumps(data, indent=1))
-    dev = data.get("device", {})
-    device = (f"{dev.get('cuda')} (fp32)" if dev.get("cuda") else
-              f"CPU, {dev.get('cpu_count')} cores ({dev.get('machine')}), {dev.get('torch_threads')} torch threads, "
-              f"fp32, torch {dev.get('torch')}")
+    (out / "study_summary.json").write_text(json.dumps(compact(data, s), indent=1))
+    device = _device_text(data.get("device", {}))
     val = data["base"].get("validation")
     c = data.get("config", {})
     lines = ["# ncppo toy study: latent-DPO vs NCP-DPO, and one normalised beta", "",
