@@ -13,10 +13,16 @@ import torch
 
 from ..errors import InputError, MissingInputError
 from .base import Conditioning, ModelAdapter
+from .flux import FluxAdapter
 from .sd import SDAdapter
+from .sd3 import SD3Adapter
 from .sdxl import SDXLAdapter
 
-FAMILIES = {"sd": SDAdapter, "sdxl": SDXLAdapter}
+FAMILIES = {"sd": SDAdapter, "sdxl": SDXLAdapter, "sd3": SD3Adapter, "flux": FluxAdapter}
+# Flow-matching pipelines, by their exact model_index.json class name.
+FLOW_PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline (SD1.x/2.x), StableDiffusionXLPipeline (SDXL), "
+                       "StableDiffusion3Pipeline (SD3/SD3.5), FluxPipeline (FLUX.1)")
 
 
 def looks_like_path(name: str) -> bool:
@@ -52,7 +58,8 @@ def check_pipeline_folder(model: str, *, flag: str = "--model", vae: str | None 
 
 
 def detect_family(model: str, revision: str | None = None) -> str:
-    """"sdxl" if the pipeline has a second text encoder, else "sd" (SD1.x/2.x)."""
+    """The family of the pipeline class in model_index.json: "sd3" (StableDiffusion3Pipeline), "flux"
+    (FluxPipeline), "sdxl" (a second text encoder), else "sd" (SD1.x/2.x); another class is refused."""
     from diffusers import DiffusionPipeline
 
     try:
@@ -60,18 +67,19 @@ def detect_family(model: str, revision: str | None = None) -> str:
     except (OSError, ValueError) as err:
         raise InputError(f"--model {model}: cannot read the pipeline's model_index.json ({_first_line(err)})") from err
     name = index.get("_class_name", "")
+    if name in FLOW_PIPELINES:
+        return FLOW_PIPELINES[name]
+    if name and (not name.startswith("StableDiffusion") or name.startswith("StableDiffusion3")):
+        raise InputError(f"--model {model}: unsupported pipeline class {name!r} (supported: {SUPPORTED_PIPELINES})")
     if "text_encoder_2" in index or "XL" in name:
         return "sdxl"
-    if name and not name.startswith("StableDiffusion"):
-        raise InputError(f"--model {model}: unsupported pipeline class {name!r} (supported: SD1.x/2.x "
-                         "StableDiffusionPipeline and SDXL StableDiffusionXLPipeline)")
     return "sd"
 
 
 def load_model(model: str, *, family: str = "auto", vae: str | None = None, revision: str | None = None,
                variant: str | None = None, weight_dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", lazy_encoders: bool = False) -> ModelAdapter:
-    """Load a diffusers SD1.x/2.x or SDXL pipeline (hub id or local folder) as a `ModelAdapter`.
+    """Load a diffusers SD1.x/2.x, SDXL, SD3/SD3.5 or FLUX.1 pipeline (hub id or local folder) as a `ModelAdapter`.
 
     `lazy_encoders` defers loading the VAE and text encoders to their first use (training from a
     latent cache holding text embeddings never uses them; validation images do).
@@ -96,4 +104,5 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-__all__ = ["Conditioning", "ModelAdapter", "SDAdapter", "SDXLAdapter", "FAMILIES", "detect_family", "load_model"]
+__all__ = ["Conditioning", "ModelAdapter", "SDAdapter", "SDXLAdapter", "SD3Adapter", "FluxAdapter", "FAMILIES",
+           "detect_family", "load_model"]

@@ -1,9 +1,11 @@
 """What every model family offers the training loop, sampling and the latent cache.
 
 A `ModelAdapter` holds the loaded components of one pipeline and hides the family differences
-(SD1.x/2.x vs SDXL: text encoders, pooled embeddings, time ids) behind four methods:
-`encode_images`, `encode_prompts`, `added_cond_kwargs` and `build_pipeline`. The loop never asks
-which family it trains.
+(SD1.x/2.x vs SDXL vs SD3/FLUX: text encoders, pooled embeddings, time ids, the denoiser and its
+noise process) behind a few methods: `encode_images`, `encode_prompts`, `denoiser_inputs`,
+`noise_process`, `predict`, `perception` and `build_pipeline`. The loop and `ncppo.spaces` never
+ask which family they serve. This base class implements the U-Net families (DDPM process, the
+U-Net's down blocks as the NCP encoder); `models.flow.FlowAdapter` the flow-matching DiTs.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ class ModelAdapter:
 
     family: str = ""
     pipeline_class = None
+    denoiser_class_name = "UNet2DConditionModel"  # the diffusers class of the trained network
+    default_lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections
+    guidance_embedding: float | None = None  # guidance-distilled models (FLUX.1-dev): the value trained with
 
     def __init__(self, model_path: str, unet, vae, text_encoders, tokenizers, noise_scheduler, sample_scheduler):
         self.model_path = model_path
@@ -47,7 +52,7 @@ class ModelAdapter:
         self._vae = vae
         self._text_encoders = list(text_encoders)
         self._tokenizers = list(tokenizers)
-        self.noise_scheduler = noise_scheduler  # DDPM, used for the forward process and NCP steps
+        self.noise_scheduler = noise_scheduler  # the training scheduler (DDPM; FlowMatchEulerDiscrete for DiTs)
         self.sample_scheduler = sample_scheduler  # the pipeline's own scheduler, for sampling
         self._deferred: dict | None = None  # how to load the VAE and text side on first use
 
@@ -114,12 +119,11 @@ class ModelAdapter:
         `lazy_encoders` defers the VAE and the text encoders/tokenizers to their first use.
         """
         import diffusers
-        from diffusers import DDPMScheduler, UNet2DConditionModel
 
         common = dict(revision=revision)
-        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", variant=variant,
-                                                    torch_dtype=weight_dtype, **common)
-        noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", **common)
+        unet = getattr(diffusers, cls.denoiser_class_name).from_pretrained(
+            model, subfolder=cls.lora_component, variant=variant, torch_dtype=weight_dtype, **common)
+        noise_scheduler = cls._noise_scheduler(model, revision)
         sched_name = diffusers.DiffusionPipeline.load_config(model, revision=revision).get("scheduler", [None, None])[1]
         sched_cls = getattr(diffusers, sched_name or "DDIMScheduler", diffusers.DDIMScheduler)
         sample_scheduler = sched_cls.from_pretrained(model, subfolder="scheduler", **common)
@@ -129,13 +133,29 @@ class ModelAdapter:
         unet.to(device=device)
         adapter = cls(str(model), unet, None, [], [], noise_scheduler, sample_scheduler)
         adapter._deferred = dict(model=model, vae=vae, revision=revision, variant=variant, weight_dtype=weight_dtype)
+        adapter._denoiser_source = dict(revision=revision, variant=variant)
         if not lazy_encoders:
             adapter.load_encoders()
         return adapter
 
     @classmethod
+    def _noise_scheduler(cls, model, revision):
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_pretrained(model, subfolder="scheduler", revision=revision)
+
+    @classmethod
     def _load_text_components(cls, model, **kwargs):
         raise NotImplementedError
+
+    def load_denoiser(self, dtype: torch.dtype):
+        """A separate frozen copy of the denoiser, read again from the model (a full fine-tune's reference)."""
+        import diffusers
+
+        source = getattr(self, "_denoiser_source", {})
+        net = getattr(diffusers, self.denoiser_class_name).from_pretrained(
+            self.model_path, subfolder=self.lora_component, torch_dtype=dtype, **source)
+        return net.requires_grad_(False).eval().to(self.device)
 
     # ----- facts -----------------------------------------------------------------------------
     # What `ncppo export` may write for this family (ncppo.publish): "diffusers" (the LoRA file),
@@ -160,6 +180,11 @@ class ModelAdapter:
     @property
     def device(self) -> torch.device:
         return self.unet.device
+
+    @property
+    def denoiser(self):
+        """The trained network: the U-Net, or the transformer of a DiT family (also `unet`)."""
+        return self.unet
 
     # ----- the data path -----------------------------------------------------------------------
     @torch.no_grad()
@@ -188,6 +213,34 @@ class ModelAdapter:
         """Extra U-Net inputs (SDXL: pooled text embeds and time ids); None for SD1.x/2.x."""
         return None
 
+    # ----- the denoiser: noise process, prediction, NCP encoder ----------------------------------
+    def noise_process(self, sampling=None, shift: float | None = None):
+        """The training noise process (``ncppo.spaces.process``); ``sampling`` a LevelSampling (default
+        uniform for DDPM). ``shift`` is a flow-matching option: U-Net families refuse it."""
+        from ..spaces.process import DDPMProcess
+
+        if shift is not None:
+            raise ValueError(f"--flow-shift applies to flow-matching models (SD3, FLUX), not to {self.family}")
+        return DDPMProcess(self.noise_scheduler, sampling)
+
+    def denoiser_inputs(self, cond: Conditioning, original_sizes: torch.Tensor, crops_top_left: torch.Tensor,
+                        target_size: tuple[int, int], *, latents: torch.Tensor, dtype: torch.dtype) -> dict:
+        """The denoiser's conditioning keywords for a batch of latents (N, C, h, w) (text states in
+        ``dtype``; SDXL's added conditioning), shared by `predict` and `perception`."""
+        added = self.added_cond_kwargs(cond, original_sizes, crops_top_left, target_size)
+        return dict(encoder_hidden_states=cond.encoder_hidden_states.to(dtype), added_cond_kwargs=added)
+
+    def predict(self, model, x_t: torch.Tensor, levels: torch.Tensor, inputs: dict, process) -> torch.Tensor:
+        """``model``'s prediction (float32, x_t's shape) at the process's ``levels``; x_t in the model's dtype."""
+        return model(x_t, process.model_timesteps(levels, x_t), **inputs).sample.float()
+
+    def perception(self, network, inputs: dict, config, process, context=None):
+        """The NCP encoder: ``network`` (frozen under ``context``) conditioned by ``inputs``; ``config`` an NCPConfig."""
+        from ..spaces.ncp import UNetPerception
+
+        return UNetPerception(network, inputs["encoder_hidden_states"], inputs["added_cond_kwargs"], config.layers,
+                              context)
+
     # ----- outputs -----------------------------------------------------------------------------
     def _pipeline_components(self, unet) -> dict:
         raise NotImplementedError
@@ -199,7 +252,7 @@ class ModelAdapter:
         return self.pipeline_class(**components)
 
     def save_lora(self, unet, output_dir: str | Path, weight_name: str = "pytorch_lora_weights.safetensors") -> Path:
-        """Save the U-Net's LoRA adapter in diffusers format, loadable by `load_lora_weights`.
+        """Save the denoiser's LoRA adapter in diffusers format, loadable by `load_lora_weights`.
 
         The file carries `lora_adapter_metadata` (rank, alpha, targets), without which diffusers
         assumes alpha = rank and scales a LoRA trained with another --lora-alpha wrongly."""
@@ -210,8 +263,9 @@ class ModelAdapter:
         output_dir.mkdir(parents=True, exist_ok=True)
         state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-        self.pipeline_class.save_lora_weights(output_dir, unet_lora_layers=state, weight_name=weight_name,
-                                              unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+        component = self.lora_component  # "unet" or "transformer": the keyword save_lora_weights takes
+        self.pipeline_class.save_lora_weights(output_dir, weight_name=weight_name, **{
+            f"{component}_lora_layers": state, f"{component}_lora_adapter_metadata": unet.peft_config["default"].to_dict()})
         return output_dir / weight_name
 
 

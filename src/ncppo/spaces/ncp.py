@@ -81,6 +81,11 @@ class NCPConfig:
         default=0.1,
         metadata={"help": "precision 'scaled': the rms each input difference is magnified to"},
     )
+    blocks: int | None = field(
+        default=None,
+        metadata={"help": "DiTs (SD3, FLUX): transformer blocks the encoder runs (joint/double-stream first); "
+                          "None = half the joint/double-stream blocks. U-Nets ignore it"},
+    )
 
     def __post_init__(self):
         if self.timestep_mode not in TIMESTEP_MODES:
@@ -91,6 +96,8 @@ class NCPConfig:
             raise ValueError(f"precision must be one of {precision.METHODS}, got {self.precision!r}")
         if not self.scale_rms > 0:
             raise ValueError(f"scale_rms must be > 0, got {self.scale_rms}")
+        if self.blocks is not None and self.blocks < 1:
+            raise ValueError(f"blocks must be >= 1 (or None), got {self.blocks}")
 
 
 _base = base_model  # the UNet2DConditionModel inside a peft PeftModel (or the model itself)

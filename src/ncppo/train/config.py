@@ -16,11 +16,12 @@ SPACE_CHOICES = ("latent", "ncp")
 @dataclass
 class TrainConfig:
     # --- what to train -------------------------------------------------------------------------
-    model: str = field(metadata={"help": "Diffusers pipeline to fine-tune: hub id or local folder (SD1.x/2.x or SDXL)."})
+    model: str = field(metadata={"help": "Diffusers pipeline to fine-tune: hub id or local folder (SD1.x/2.x, SDXL, "
+                                         "SD3/SD3.5 or FLUX.1)."})
     data: str = field(metadata={"help": "Pair data: datasets hub id or save_to_disk folder, parquet/arrow file or "
                                         "folder, CSV/JSONL naming image files, or a latent cache from `ncppo data cache`."})
     output_dir: str = field(metadata={"help": "Where checkpoints, logs, the final weights and manifest.json go."})
-    family: str = option("auto", "Model family; auto reads model_index.json.", choices=("auto", "sd", "sdxl"))
+    family: str = option("auto", "Model family; auto reads model_index.json.", choices=("auto", "sd", "sdxl", "sd3", "flux"))
     vae: str | None = option(None, "Optional separate VAE (hub id or folder), e.g. the fp16-fix SDXL VAE.")
     revision: str | None = option(None, "Model revision (branch, tag or commit) on the hub.")
     variant: str | None = option(None, "Weight file variant to load, e.g. fp16.")
@@ -51,13 +52,29 @@ class TrainConfig:
                                    "(fp32 weights, no autocast, CPU or TF32 off), else scaled.",
                                 choices=("auto", "scaled", "fp32", "native"))
     ncp_scale_rms: float = option(0.1, "NCP: rms the input difference is magnified to by --ncp-precision scaled.")
+    ncp_blocks: int | None = option(None, "NCP for SD3/FLUX: transformer blocks the frozen encoder runs (joint/double-"
+                                          "stream blocks first, then FLUX's single-stream ones); the features are the image "
+                                          "tokens after the last. Default: half the joint/double-stream blocks.")
+    timestep_sampling: str = option("auto", "How training noise levels are drawn: uniform, logit_normal (SD3 paper: "
+                                            "sigmoid of N(--logit-mean, --logit-std)), mode (SD3 paper, --mode-scale); auto = "
+                                            "uniform for SD1.x/2.x/SDXL, logit_normal (mean 0, std 1) for SD3/FLUX.",
+                                    choices=("auto", "uniform", "logit_normal", "mode"))
+    logit_mean: float = option(0.0, "--timestep-sampling logit_normal: mean.")
+    logit_std: float = option(1.0, "--timestep-sampling logit_normal: standard deviation.")
+    mode_scale: float = option(1.29, "--timestep-sampling mode: scale.")
+    flow_shift: float | None = option(None, "SD3/FLUX: a fixed sigma shift s, sigma = s u / (1 + (s - 1) u); default the "
+                                            "scheduler config's (SD3.5: 3.0; FLUX: resolution-dependent); 1 = no shift.")
+    guidance_embedding: float = option(3.5, "FLUX.1-dev: the value its guidance embedding gets while training (as "
+                                            "diffusers' FLUX scripts); models without one ignore it.")
 
     # --- parameters ----------------------------------------------------------------------------
     finetune: str = option("lora", "lora: LoRA adapters, reference = same U-Net with adapters off; full: all U-Net "
                                "weights, reference = a separate frozen copy.", choices=("lora", "full"))
     lora_rank: int = option(64, "LoRA rank.")
     lora_alpha: float | None = option(None, "LoRA alpha; default equals the rank.")
-    lora_targets: list[str] = option(["to_q", "to_k", "to_v", "to_out.0"], "U-Net modules that get LoRA adapters.")
+    lora_targets: list[str] | None = option(None, "Denoiser modules that get LoRA adapters; default the attention "
+                                                  "projections: to_q, to_k, to_v, to_out.0 (U-Nets), plus the joint/context "
+                                                  "add_q_proj, add_k_proj, add_v_proj, to_add_out (SD3, FLUX).")
 
     # --- data ----------------------------------------------------------------------------------
     split: str = option("train", "Dataset split (datasets ids and folders).")
@@ -153,5 +170,11 @@ class TrainConfig:
             raise ConfigError(f"--checkpoints-total-limit must be >= 1 (or none), got {self.checkpoints_total_limit}")
         if self.eval_every and not (self.eval_prompts and self.eval_scorer):
             raise ConfigError("--eval-every needs --eval-prompts and --eval-scorer")
-        if self.finetune == "lora" and not self.lora_targets:
+        if self.finetune == "lora" and self.lora_targets is not None and not self.lora_targets:
             raise ConfigError("--lora-targets must name at least one module")
+        if self.ncp_blocks is not None and self.ncp_blocks < 1:
+            raise ConfigError(f"--ncp-blocks must be >= 1, got {self.ncp_blocks}")
+        if not self.logit_std > 0:
+            raise ConfigError(f"--logit-std must be > 0, got {self.logit_std}")
+        if self.flow_shift is not None and not self.flow_shift > 0:
+            raise ConfigError(f"--flow-shift must be > 0, got {self.flow_shift}")

@@ -20,9 +20,9 @@ from ..spaces.ncp import NCPConfig
 
 @dataclass
 class Reference:
-    """The frozen side of a step: the reference U-Net and how to make it frozen.
+    """The frozen side of a step: the reference denoiser (U-Net or DiT) and how to make it frozen.
 
-    With LoRA, `unet` is the trained U-Net itself and `context` disables its adapters; with a
+    With LoRA, `unet` is the trained network itself and `context` disables its adapters; with a
     full fine-tune, `unet` is a separate frozen copy and `context` is None. The same frozen
     network is the NCP encoder.
     """
@@ -51,39 +51,41 @@ def winners_then_losers(x: torch.Tensor) -> torch.Tensor:
 
 def preference_step(adapter: ModelAdapter, policy: torch.nn.Module, reference: Reference, batch: dict, *,
                     objective: str, space: str, beta: float, cpo_lambda: float, orpo_lambda: float, ncp: NCPConfig,
-                    generator: torch.Generator, resolution: int, beta_scale: BetaScale | None = None) -> LossOutput:
+                    generator: torch.Generator, resolution: int, beta_scale: BetaScale | None = None,
+                    process=None) -> LossOutput:
     """Loss and metrics of one micro-batch of B pairs (the policy forward keeps the graph).
 
-    With `beta_scale` (--beta-normalize) the objective uses beta / the frozen mean reference
-    error (the policy's own, detached, for reference-free objectives); metric `beta_effective`."""
+    `process` is the noise process (``adapter.noise_process(...)``; default the adapter's with its
+    default level sampling). With `beta_scale` (--beta-normalize) the objective uses beta / the frozen
+    mean reference error (the policy's own, detached, for reference-free objectives); metric
+    `beta_effective`."""
     device = adapter.device
     x0 = pair_batch_latents(adapter, batch)
     b = x0.shape[0] // 2
 
     cond = batch.get("conditioning") or adapter.encode_prompts(batch["captions"])
     cond = cond.repeat(2).to(device)
-    added = adapter.added_cond_kwargs(cond, winners_then_losers(batch["original_sizes"]),
-                                      winners_then_losers(batch["crops_top_left"]), (resolution, resolution))
+    dtype = next(reference.unet.parameters()).dtype
+    inputs = adapter.denoiser_inputs(cond, winners_then_losers(batch["original_sizes"]),
+                                     winners_then_losers(batch["crops_top_left"]), (resolution, resolution),
+                                     latents=x0, dtype=dtype)
 
-    # Winner and loser of a pair share the noise and the timestep.
-    scheduler = adapter.noise_scheduler
+    # Winner and loser of a pair share the noise and the noise level.
+    process = process if process is not None else adapter.noise_process()
     noise = torch.randn((b, *x0.shape[1:]), generator=generator, device=device).repeat(2, 1, 1, 1)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator,
-                              device=device).repeat(2)
-    x_t = scheduler.add_noise(x0, noise, timesteps)
+    timesteps = process.sample_levels(b, generator=generator, device=device).repeat(2)
+    x_t = process.add_noise(x0, noise, timesteps)
 
-    unet_dtype = next(reference.unet.parameters()).dtype
-    inputs = dict(encoder_hidden_states=cond.encoder_hidden_states.to(unet_dtype), added_cond_kwargs=added)
-    policy_pred = policy(x_t.to(unet_dtype), timesteps, **inputs).sample.float()
+    policy_pred = adapter.predict(policy, x_t.to(dtype), timesteps, inputs, process)
     reference_pred = None
     if objective in NEEDS_REFERENCE:
         with torch.no_grad(), reference.frozen():
-            reference_pred = reference.unet(x_t.to(unet_dtype), timesteps, **inputs).sample.float()
+            reference_pred = adapter.predict(reference.unet, x_t.to(dtype), timesteps, inputs, process)
 
+    perception = adapter.perception(reference.unet, inputs, ncp, process, reference.context) if space == "ncp" else None
     policy_err, reference_err = compute_errors(
-        space, encoder=reference.unet, scheduler=scheduler, x0=x0, x_t=x_t, noise=noise, timesteps=timesteps,
-        policy_pred=policy_pred, reference_pred=reference_pred, encoder_hidden_states=inputs["encoder_hidden_states"],
-        added_cond_kwargs=added, config=ncp, generator=generator, encoder_context=reference.context)
+        space, process=process, perception=perception, x0=x0, x_t=x_t, noise=noise, timesteps=timesteps,
+        policy_pred=policy_pred, reference_pred=reference_pred, config=ncp, generator=generator)
     if beta_scale is not None:
         beta = beta / beta_scale.observe(reference_err if reference_err is not None else policy_err)
     out = preference_loss(policy_err, reference_err, objective=objective, beta=beta, cpo_lambda=cpo_lambda,
