@@ -53,6 +53,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     AcceleratorState._reset_state()
     GradientState._reset_state()
+    check_supported()  # FSDP/DeepSpeed asked for: refused before accelerate tries to set them up
     accelerator = Accelerator(
         # Several processes without a GPU (torchrun/mpirun on CPUs) need cpu=True for gloo.
         cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
