@@ -17,14 +17,17 @@ REQUEST_ENV = (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "De
                ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM"))
 
 
-def check_supported(accelerator) -> None:
+def check_supported(accelerator=None) -> None:
     """Raise InputError naming what is supported when accelerate was asked for FSDP, DeepSpeed or
-    Megatron-LM, including on CPUs, where accelerate silently falls back to DDP."""
+    Megatron-LM, including on CPUs, where accelerate silently falls back to DDP. Call it before
+    creating the Accelerator (which fails with a traceback when DeepSpeed is not installed) and
+    again with it."""
     from accelerate.utils import DistributedType, parse_flag_from_env
 
     asked = [name for env, name in REQUEST_ENV if parse_flag_from_env(env)]
-    running = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed",
-               DistributedType.MEGATRON_LM: "Megatron-LM"}.get(accelerator.distributed_type)
+    running = None if accelerator is None else {
+        DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed",
+        DistributedType.MEGATRON_LM: "Megatron-LM"}.get(accelerator.distributed_type)
     names = list(dict.fromkeys([*asked, *([running] if running else [])]))
     if names:
         raise InputError(f"{' and '.join(names)} not supported: ncppo train runs as {SUPPORTED}; sharded weights "
