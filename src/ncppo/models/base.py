@@ -44,6 +44,7 @@ class ModelAdapter:
     pipeline_class = None
     denoiser_class_name = "UNet2DConditionModel"  # the diffusers class of the trained network
     default_lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections
+    default_timestep_sampling = "uniform"  # how training noise levels are drawn (--timestep-sampling auto)
     guidance_embedding: float | None = None  # guidance-distilled models (FLUX.1-dev): the value trained with
 
     def __init__(self, model_path: str, unet, vae, text_encoders, tokenizers, noise_scheduler, sample_scheduler):
@@ -217,10 +218,11 @@ class ModelAdapter:
     def noise_process(self, sampling=None, shift: float | None = None):
         """The training noise process (``ncppo.spaces.process``); ``sampling`` a LevelSampling (default
         uniform for DDPM). ``shift`` is a flow-matching option: U-Net families refuse it."""
+        from ..configs import ConfigError
         from ..spaces.process import DDPMProcess
 
         if shift is not None:
-            raise ValueError(f"--flow-shift applies to flow-matching models (SD3, FLUX), not to {self.family}")
+            raise ConfigError(f"--flow-shift applies to flow-matching models (SD3, FLUX), not to {self.family}")
         return DDPMProcess(self.noise_scheduler, sampling)
 
     def denoiser_inputs(self, cond: Conditioning, original_sizes: torch.Tensor, crops_top_left: torch.Tensor,

@@ -20,6 +20,7 @@ class FlowAdapter(ModelAdapter):
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     max_sequence_length = 256  # T5 tokens, as the pipeline's default
     patch_size = 2  # latent pixels per image token side
+    default_timestep_sampling = "logit_normal"  # the SD3 paper's default (mean 0, std 1)
 
     @classmethod
     def _noise_scheduler(cls, model, revision):

@@ -463,11 +463,12 @@ def save_lora_weights(adapter, unet, output_dir: str | Path) -> Path:
     return final
 
 
-def save_full_unet(unet, output_dir: str | Path) -> Path:
-    """A full fine-tune's U-Net as a diffusers folder (`output_dir/unet`), in float32 safetensors,
-    written under a temporary name and renamed."""
-    out = Path(output_dir) / "unet"
-    tmp = Path(output_dir) / f"{TMP}unet"
+def save_full_unet(unet, output_dir: str | Path, subfolder: str = "unet") -> Path:
+    """A full fine-tune's denoiser as a diffusers folder (`output_dir/unet`, or `transformer` for a DiT:
+    `subfolder`, the pipeline component's name), in float32 safetensors, written under a temporary name
+    and renamed."""
+    out = Path(output_dir) / subfolder
+    tmp = Path(output_dir) / f"{TMP}{subfolder}"
     _remove(tmp)
     unet.save_pretrained(tmp, safe_serialization=True)
     _sync_tree(tmp)

@@ -85,6 +85,8 @@ def train(config: TrainConfig) -> TrainResult:
     adapter = load_model(config.model, family=config.family, vae=config.vae, revision=config.revision,
                          variant=config.variant, weight_dtype=weight_dtype, device=accelerator.device,
                          lazy_encoders=bool(getattr(dataset, "use_text", False)))  # cached latents + text: unused
+    adapter.guidance_embedding = config.guidance_embedding  # guidance-distilled models (FLUX.1-dev) only
+    process = adapter.noise_process(sampling=_level_sampling(config, adapter), shift=config.flow_shift)
     unet, reference = _trainable_unet(adapter, config, weight_dtype, accelerator.device)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -121,7 +123,7 @@ def train(config: TrainConfig) -> TrainResult:
         accelerator.init_trackers("ncppo", config={k: str(v) for k, v in vars(config).items()})
     ncp = NCPConfig(timestep_mode=config.timestep_mode, layers=config.ncp_layers,
                     checkpoint_encoder=config.checkpoint_encoder, precision=config.ncp_precision,
-                    scale_rms=config.ncp_scale_rms)
+                    scale_rms=config.ncp_scale_rms, blocks=config.ncp_blocks)
     beta_scale = _beta_scale(config, accelerator, state.get("beta_scale"))
     validation = ValidationHook(config, adapter, accelerator)
     evaluation = EvalHook(config, adapter, accelerator, history=state["eval_history"])
@@ -153,7 +155,7 @@ def train(config: TrainConfig) -> TrainResult:
                                            space=config.space, beta=config.beta, cpo_lambda=config.cpo_lambda,
                                            orpo_lambda=config.orpo_lambda,
                                            ncp=ncp, generator=generator, resolution=resolution,
-                                           beta_scale=beta_scale)
+                                           beta_scale=beta_scale, process=process)
                 if beta_scale is not None:
                     state["beta_scale"] = beta_scale.state_dict()
                 loss_ok = _all_processes(accelerator, bool(torch.isfinite(out_step.loss)))
@@ -219,7 +221,7 @@ def train(config: TrainConfig) -> TrainResult:
         if config.finetune == "lora":
             weights_path = ckpt.save_lora_weights(adapter, final_unet, out)
         else:
-            weights_path = ckpt.save_full_unet(final_unet, out)
+            weights_path = ckpt.save_full_unet(final_unet, out, subfolder=adapter.lora_component)
         write_manifest(out / "manifest.json", command="train", config=config, seed=config.seed,
                        processes=world, steps=state["step"], stopped_early=stopped,
                        data=describe(dataset, config), nonfinite_skipped=state["nonfinite_skipped"],
@@ -237,8 +239,16 @@ def train(config: TrainConfig) -> TrainResult:
 
 # ----- helpers, in the order the recipe uses them ----------------------------------------------
 
+def _level_sampling(config: TrainConfig, adapter):
+    """How noise levels are drawn: --timestep-sampling, "auto" being the family's default."""
+    from ..spaces.process import LevelSampling
+
+    scheme = adapter.default_timestep_sampling if config.timestep_sampling == "auto" else config.timestep_sampling
+    return LevelSampling(scheme, logit_mean=config.logit_mean, logit_std=config.logit_std, mode_scale=config.mode_scale)
+
+
 def _trainable_unet(adapter, config: TrainConfig, weight_dtype, device):
-    """(the U-Net to train, the frozen Reference that is also the NCP encoder)."""
+    """(the denoiser to train (U-Net or DiT), the frozen Reference that is also the NCP encoder)."""
     from ..lora import adapters_disabled
 
     unet = adapter.unet
@@ -246,17 +256,14 @@ def _trainable_unet(adapter, config: TrainConfig, weight_dtype, device):
         from peft import LoraConfig
 
         unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank,
-                                    init_lora_weights="gaussian", target_modules=list(config.lora_targets)))
+                                    init_lora_weights="gaussian",
+                                    target_modules=list(config.lora_targets or adapter.default_lora_targets)))
         for p in unet.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # LoRA weights train in fp32 even when the base is fp16/bf16
         return unet, Reference(unet, lambda: adapters_disabled(unet))
     # Full fine-tune: a separate frozen reference (loaded again, not deep-copied from a training module).
-    from diffusers import UNet2DConditionModel
-
-    reference = UNet2DConditionModel.from_pretrained(config.model, subfolder="unet", revision=config.revision,
-                                                     variant=config.variant, torch_dtype=weight_dtype)
-    reference.requires_grad_(False).eval().to(device)
+    reference = adapter.load_denoiser(weight_dtype).to(device)
     unet.to(torch.float32).requires_grad_(True)
     return unet, Reference(reference)
 
