@@ -138,7 +138,7 @@ def train(config: TrainConfig) -> TrainResult:
     window, consecutive_bad, stopped = _MetricWindow(), 0, None
     progress = tqdm(total=config.max_steps, initial=state["step"], desc="train", unit="step",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    step_started = time.perf_counter()
+    step_started, logged_step = time.perf_counter(), state["step"]
     unet.train()
     while state["step"] < config.max_steps and stopped is None:
         batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
@@ -158,40 +158,43 @@ def train(config: TrainConfig) -> TrainResult:
                                            beta_scale=beta_scale, process=process)
                 if beta_scale is not None:
                     state["beta_scale"] = beta_scale.state_dict()
-                loss_ok = _all_processes(accelerator, bool(torch.isfinite(out_step.loss)))
-                if loss_ok:
-                    accelerator.backward(out_step.loss)
-                    window.add(out_step)
-                grad_ok = True
+                # No host sync per micro-step: a non-finite loss still runs backward, its step is skipped below.
+                accelerator.backward(out_step.loss)
+                window.add(out_step)
+                step_ok = True
                 if accelerator.sync_gradients:
+                    finite = window.all_finite()
                     if config.max_grad_norm > 0:
                         norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                        grad_ok = bool(torch.isfinite(torch.as_tensor(norm)))
-                    if loss_ok and grad_ok:
+                        finite = finite & torch.isfinite(torch.as_tensor(norm, device=finite.device))
+                    step_ok = _all_processes(accelerator, finite)  # the one host sync of an optimizer step
+                    if step_ok:
                         optimizer.step()
                         lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
             state["micro_steps"] += 1
-            if loss_ok and grad_ok:
-                consecutive_bad = 0
-            else:  # this micro-batch did not contribute; the step goes on without it
-                state["nonfinite_skipped"] += 1
-                consecutive_bad += 1
             if not accelerator.sync_gradients:
                 continue
 
-            # One optimizer step done (or skipped whole, if its gradients were not finite).
+            # One optimizer step done, or skipped whole when a loss or the gradients were not finite.
             state["step"] += 1
             step = state["step"]
             progress.update(1)
-            metrics = window.reduce(accelerator)
-            if metrics:
-                metrics["lr"] = lr_scheduler.get_last_lr()[0]
-                metrics["sec_per_step"] = time.perf_counter() - step_started
-                progress.set_postfix(loss=f"{metrics['loss']:.4g}", acc=f"{metrics.get('implicit_acc', 0):.2f}")
-                _log(accelerator, config, out, step, metrics, window.last_local)
-                state["last_metrics"] = metrics
-            step_started = time.perf_counter()
+            if step_ok:
+                consecutive_bad = 0
+            else:
+                state["nonfinite_skipped"] += 1
+                consecutive_bad += 1
+            if _logs_at(config, step):
+                metrics = window.reduce(accelerator)
+                if metrics:
+                    metrics["lr"] = lr_scheduler.get_last_lr()[0]
+                    metrics["sec_per_step"] = (time.perf_counter() - step_started) / (step - logged_step)
+                    progress.set_postfix(loss=f"{metrics['loss']:.4g}", acc=f"{metrics.get('implicit_acc', 0):.2f}")
+                    _log(accelerator, config, out, step, metrics, window.last_local)
+                    state["last_metrics"] = metrics
+                step_started, logged_step = time.perf_counter(), step
+            window.clear()
             validation.maybe_run(accelerator.unwrap_model(unet), step)
             evaluation.maybe_run(accelerator.unwrap_model(unet), step)
             if config.checkpoint_every and step % config.checkpoint_every == 0:
@@ -310,44 +313,60 @@ def _step_generator(seed: int, micro: int, rank: int, device) -> torch.Generator
     return g
 
 
-def _all_processes(accelerator, flag: bool) -> bool:
-    """True only if `flag` is True on every process (so all skip a bad step together)."""
+def _all_processes(accelerator, flag: torch.Tensor) -> bool:
+    """True only if the boolean tensor `flag` is True on every process (so all skip a bad step together)."""
     if accelerator.num_processes == 1:
-        return flag
-    t = torch.tensor([0.0 if flag else 1.0], device=accelerator.device)
+        return bool(flag)
+    t = (~flag).float().reshape(1).to(accelerator.device)
     return bool(accelerator.reduce(t, reduction="sum").item() == 0)
 
 
 class _MetricWindow:
-    """Averages metrics over the micro-steps of one optimizer step, then across processes."""
+    """The metrics of one optimizer step's micro-steps, kept on the device (no host sync) until a log
+    step averages them over the finite micro-steps, then across processes."""
 
     def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.count = 0
+        self.keys: list[str] | None = None
+        self.sums = self.count = self.finite = None
         self.last_local: dict[str, float] = {}
 
     def add(self, out) -> None:
         values = {"loss": out.loss.detach(), **out.metrics}
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
-        self.count += 1
+        if self.keys is None:
+            self.keys = sorted(values)
+        stacked = torch.stack([values[k].detach().reshape(()).double() for k in self.keys])
+        finite = torch.isfinite(stacked[self.keys.index("loss")])
+        contribution = torch.where(finite, stacked, torch.zeros_like(stacked))
+        if self.sums is None:
+            self.sums, self.count, self.finite = contribution, finite.double(), finite
+        else:
+            self.sums, self.count, self.finite = self.sums + contribution, self.count + finite, self.finite & finite
+
+    def all_finite(self) -> torch.Tensor:
+        """A boolean tensor: every loss since the last clear() was finite."""
+        return self.finite if self.finite is not None else torch.tensor(True)
+
+    def clear(self) -> None:
+        self.sums = self.count = self.finite = None
 
     def reduce(self, accelerator) -> dict[str, float]:
-        if self.count == 0:
+        if self.sums is None or not float(self.count) > 0:
             return {}
-        keys = sorted(self.sums)
-        local = torch.tensor([self.sums[k] / self.count for k in keys], device=accelerator.device, dtype=torch.float64)
-        self.last_local = dict(zip(keys, local.tolist()))
+        local = self.sums / self.count
+        self.last_local = dict(zip(self.keys, local.tolist()))
         merged = accelerator.reduce(local, reduction="mean") if accelerator.num_processes > 1 else local
-        self.sums, self.count = {}, 0
-        return dict(zip(keys, merged.tolist()))
+        return dict(zip(self.keys, merged.tolist()))
+
+
+def _logs_at(config: TrainConfig, step: int) -> bool:
+    return config.log_rank_metrics or step % config.log_every == 0 or step == config.max_steps
 
 
 def _log(accelerator, config: TrainConfig, out: Path, step: int, metrics: dict, local: dict) -> None:
     if config.log_rank_metrics:
         with open(out / f"metrics_rank{accelerator.process_index}.jsonl", "a") as fh:
             fh.write(json.dumps({"step": step, **local}) + "\n")
-    if step % config.log_every and step != config.max_steps:
+    if step % config.log_every and step != config.max_steps:  # --log-rank-metrics reduces every step
         return
     if accelerator.is_main_process:
         with open(out / "metrics.jsonl", "a") as fh:
