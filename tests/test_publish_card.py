@@ -62,12 +62,13 @@ def test_training_run_writes_a_hub_model_card_and_export_adds_the_eval_table(tin
     rows = [line for line in (cmp / "compare.md").read_text().splitlines() if line.startswith("| toy-judge")]
     assert rows and all(row in card for row in rows) and "75.0%" in rows[0]
 
-    # a README.md that ncppo did not write is never overwritten
+    # a README.md that ncppo did not write is never overwritten, and nothing is exported then
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "README.md").write_text("# my notes\n")
-    assert main(["export", str(out), "--card", "--out", str(foreign)]) == 2
-    assert (foreign / "README.md").read_text() == "# my notes\n"
+    lora = foreign / "lora.safetensors"
+    assert main(["export", str(out), "--format", "kohya", "--out", str(lora), "--card"]) == 2
+    assert (foreign / "README.md").read_text() == "# my notes\n" and not lora.exists()
 
 
 def test_card_of_a_hub_base_names_it_and_reports_the_effective_beta(tmp_path):

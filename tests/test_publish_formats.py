@@ -213,3 +213,36 @@ def test_refusals_are_one_line_and_a_bare_checkpoint_needs_alpha(run, tmp_path, 
     assert main(["export", str(ft), "--format", "merged", "--out", str(tmp_path / "ft-merged")]) == 0
     merged = pipeline(tmp_path / "ft-merged").unet
     assert (unet_output(merged, "sd") - unet_output(unet, "sd")).abs().max() == 0
+
+
+# The public U-Net configs (unet/config.json) of Stable Diffusion 1.5 and SDXL base 1.0.
+SD15_UNET = dict(sample_size=64, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, block_out_channels=(320, 640, 1280, 1280),
+                 layers_per_block=2, cross_attention_dim=768, attention_head_dim=8)
+SDXL_UNET = dict(sample_size=128, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
+                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+
+
+@pytest.mark.parametrize("pipeline_class, unet_config", [("StableDiffusionPipeline", SD15_UNET),
+                                                          ("StableDiffusionXLPipeline", SDXL_UNET)], ids=["sd15", "sdxl"])
+def test_kohya_names_map_back_to_every_module_at_full_scale(pipeline_class, unet_config):
+    """The real SD1.5 / SDXL U-Net layouts (on the meta device: names only, no weights): diffusers'
+    kohya reader, as `load_lora_weights` runs it, maps every exported key back to its module."""
+    import diffusers
+    from diffusers import UNet2DConditionModel
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from ncppo.publish.kohya import to_kohya
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config)
+        unet.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    peft = get_peft_model_state_dict(unet)
+    state, alphas = getattr(diffusers, pipeline_class).lora_state_dict(to_kohya(peft, ALPHA), unet_config=unet.config)
+    assert set(convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})) == set(peft)
+    assert len(alphas) == len(peft) // 2 and set(alphas.values()) == {ALPHA}

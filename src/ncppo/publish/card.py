@@ -59,13 +59,19 @@ def write_model_card(run: TrainedRun, card_dir: str | Path, *, kind: str = "lora
     from ..manifest import atomic_write_text
 
     card_dir = Path(card_dir)
-    path = card_dir / "README.md"
-    if path.is_file() and MARKER not in path.read_text(errors="replace"):
-        raise OutputExistsError(f"{path} exists and was not written by ncppo; move it or pick another --out")
+    path = check_card_target(card_dir)
     evals = [read_compare(p) for p in eval_paths]
     widget = widget_images(run, card_dir)
     text = render_card(run, kind=kind, weights_name=weights_name, license=license, widget=widget, evals=evals)
     return atomic_write_text(path, text)
+
+
+def check_card_target(card_dir: str | Path) -> Path:
+    """`card_dir/README.md`, unless a README.md that ncppo did not write is there."""
+    path = Path(card_dir) / "README.md"
+    if path.is_file() and MARKER not in path.read_text(errors="replace"):
+        raise OutputExistsError(f"{path} exists and was not written by ncppo; move it or pick another --out")
+    return path
 
 
 def write_training_card(output_dir: str | Path, family: str | None = None) -> Path | None:

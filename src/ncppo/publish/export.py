@@ -10,7 +10,7 @@ import torch
 
 from ..configs import ConfigError, option
 from ..errors import InputError, OutputExistsError
-from .card import write_model_card
+from .card import check_card_target, write_model_card
 from .diffusers_format import save_diffusers
 from .kohya import save_kohya
 from .merge import save_merged
@@ -66,6 +66,7 @@ def check_format(run: TrainedRun, fmt: str) -> None:
 def run_export(config: ExportConfig) -> list[Path]:
     """Export and/or write the card; returns the paths written."""
     run = load_run(config.run, model=config.model, lora_alpha=config.lora_alpha)
+    card = _card_target(run, config) if config.card else None  # refused before any work, if it must be
     written = []
     if config.format:
         check_format(run, config.format)
@@ -73,18 +74,22 @@ def run_export(config: ExportConfig) -> list[Path]:
         if out.exists() and not config.overwrite:
             raise OutputExistsError(f"--out {out} exists; pass --overwrite to replace it")
         written.append(EXPORTERS[config.format](run, out, DTYPES[config.dtype]))
-    if config.card:
-        written.append(_card(run, config))
+    if card:
+        written.append(write_model_card(run, card["dir"], kind=card["kind"], weights_name=card.get("weights_name"),
+                                        license=config.license, eval_paths=config.eval))
     return written
 
 
-def _card(run: TrainedRun, config: ExportConfig) -> Path:
-    kw = dict(license=config.license, eval_paths=config.eval)
+def _card_target(run: TrainedRun, config: ExportConfig) -> dict:
+    """Where the card goes and what it describes; refuses a README.md that ncppo did not write."""
     if config.format == "merged":
-        return write_model_card(run, config.out, kind="merged", **kw)
-    if config.format:
-        kind = "kohya" if config.format == "kohya" else "lora"
-        return write_model_card(run, Path(config.out).parent, kind=kind, weights_name=Path(config.out).name, **kw)
-    if run.checkpoint and not config.out:
+        target = dict(dir=Path(config.out), kind="merged")
+    elif config.format:
+        out = Path(config.out)
+        target = dict(dir=out.parent, kind="kohya" if config.format == "kohya" else "lora", weights_name=out.name)
+    elif run.checkpoint and not config.out:
         raise InputError(f"RUN {run.path} is a checkpoint: its card goes with an export (add --format) or into --out")
-    return write_model_card(run, config.out or run.output_dir, kind="lora" if run.lora is not None else "full", **kw)
+    else:
+        target = dict(dir=Path(config.out or run.output_dir), kind="lora" if run.lora is not None else "full")
+    check_card_target(target["dir"])
+    return target
