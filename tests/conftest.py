@@ -41,6 +41,30 @@ def tiny_sdxl_path(tmp_path_factory):
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", "sdxl")
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3_path(tmp_path_factory):
+    """SD3.5-like: MMDiT (dual attention in block 0, RMS qk-norm), two CLIP encoders and T5."""
+    from ncppo.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd3", "sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_no_t5_path(tmp_path_factory):
+    """SD3 saved with text_encoder_3=None (model_index.json lists T5 as [null, null])."""
+    from ncppo.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd3-no-t5", "sd3", t5=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_path(tmp_path_factory):
+    """FLUX.1-dev-like: double- and single-stream blocks, guidance embedding, CLIP + T5."""
+    from ncppo.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-flux", "flux")
+
+
 def png_bytes(color, size=(40, 32), fmt="PNG") -> bytes:
     """An encoded image of one flat colour with a darker square, `size` = (width, height)."""
     from PIL import Image
