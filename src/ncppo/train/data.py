@@ -115,7 +115,8 @@ def build_dataloader(config, num_processes: int = 1):
     sampler = EpochSampler(n, config.seed)
     loader = DataLoader(EpochItems(dataset), batch_size=config.batch_size, sampler=sampler, collate_fn=collate_pairs,
                         num_workers=config.dataloader_num_workers, drop_last=True,
-                        persistent_workers=config.dataloader_num_workers > 0)
+                        persistent_workers=config.dataloader_num_workers > 0,
+                        pin_memory=torch.cuda.is_available())
     return dataset, loader, sampler
 
 

@@ -303,7 +303,9 @@ def _optimizer(config: TrainConfig, params, lr):
         except ImportError as err:
             raise ImportError("--optimizer adamw8bit needs bitsandbytes: pip install 'ncppo[bnb]'") from err
         return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    # The fused CUDA kernel: one launch for all LoRA tensors instead of several per tensor.
+    fused = bool(params) and all(p.is_cuda and p.dtype == torch.float32 for p in params)
+    return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
 
 def _step_generator(seed: int, micro: int, rank: int, device) -> torch.Generator:
