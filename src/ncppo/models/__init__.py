@@ -30,9 +30,13 @@ def looks_like_path(name: str) -> bool:
     return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".msgpack")
+
+
 def check_pipeline_folder(model: str, *, flag: str = "--model", vae: str | None = None) -> None:
     """For a local `model`: fail early, naming the part, if it is not a complete diffusers pipeline
-    folder (model_index.json, and a non-empty subfolder for every component it lists). Hub ids pass."""
+    folder: model_index.json, a non-empty subfolder for every component it lists, and a weights
+    file in each model subfolder (one with a config.json). Hub ids pass."""
     path = Path(model).expanduser()
     if not path.exists():
         if looks_like_path(model):
@@ -55,6 +59,8 @@ def check_pipeline_folder(model: str, *, flag: str = "--model", vae: str | None 
             raise MissingInputError(f"{flag} {model}: partial pipeline folder: {part}/ is missing")
         if not any(f.is_file() for f in folder.iterdir()):
             raise MissingInputError(f"{flag} {model}: partial pipeline folder: {part}/ is empty")
+        if (folder / "config.json").is_file() and not any(f.name.endswith(WEIGHT_SUFFIXES) for f in folder.iterdir()):
+            raise MissingInputError(f"{flag} {model}: partial pipeline folder: {part}/ has no weights file")
 
 
 def detect_family(model: str, revision: str | None = None) -> str:
