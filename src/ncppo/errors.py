@@ -33,3 +33,9 @@ class OutputExistsError(InputError, FileExistsError):
 
 class MissingPackageError(InputError, ImportError):
     """An optional package a flag needs is not installed; the message says what to install."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (library errors can run to many lines)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..configs import ConfigError
-from ..errors import InputError, MissingInputError
+from ..errors import InputError, MissingInputError, first_line
 
 PROMPT_COLUMNS = ("prompt", "caption", "Prompt", "text")
 INDEX_FILE = "index.jsonl"
@@ -201,7 +201,7 @@ def load_pipeline(model: str, *, lora: str | None = None, lora_scale: float = 1.
             pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, revision=revision, variant=variant,
                                                      **kwargs)
         except OSError as err:  # missing/unreadable weights, an unreachable hub id
-            raise InputError(f"--model {model}: cannot load ({_first_line(err)})") from err
+            raise InputError(f"--model {model}: cannot load ({first_line(err)})") from err
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None  # evaluation scores the raw samples; a blacked-out image is not a sample
     if lora:
@@ -227,7 +227,7 @@ def _load_lora(pipe, lora: str, looks_like_path) -> None:
     except InputError:
         raise
     except (OSError, ValueError) as err:  # unreadable file, no LoRA keys, keys naming no module of this model
-        raise InputError(f"--lora {lora}: cannot load as a LoRA of this model ({_first_line(err)})") from err
+        raise InputError(f"--lora {lora}: cannot load as a LoRA of this model ({first_line(err)})") from err
     denoiser = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
     if LORA_ADAPTER not in (pipe.get_list_adapters().get(denoiser) or []):
         raise InputError(f"--lora {lora}: none of its keys matches the {denoiser} of --model (a LoRA of another "
@@ -255,11 +255,6 @@ def lora_sha256(lora: str | None) -> str | None:
 
 def prompt_hash(prompt: str) -> str:
     return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:12]
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def sample_images(pipeline, prompts: list[str], seeds, *, steps: int, guidance: float,

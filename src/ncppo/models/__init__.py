@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError, MissingInputError
+from ..errors import InputError, MissingInputError, first_line
 from .base import Conditioning, ModelAdapter
 from .flux import FluxAdapter
 from .sd import SDAdapter
@@ -71,7 +71,7 @@ def detect_family(model: str, revision: str | None = None) -> str:
     try:
         index = DiffusionPipeline.load_config(model, revision=revision)
     except (OSError, ValueError) as err:
-        raise InputError(f"--model {model}: cannot read the pipeline's model_index.json ({_first_line(err)})") from err
+        raise InputError(f"--model {model}: cannot read the pipeline's model_index.json ({first_line(err)})") from err
     name = index.get("_class_name", "")
     if name in FLOW_PIPELINES:
         return FLOW_PIPELINES[name]
@@ -102,12 +102,7 @@ def load_model(model: str, *, family: str = "auto", vae: str | None = None, revi
         return FAMILIES[family].from_pretrained(model, vae=vae, revision=revision, variant=variant,
                                                 weight_dtype=weight_dtype, device=device, lazy_encoders=lazy_encoders)
     except OSError as err:  # diffusers/transformers: missing or unreadable weight files, unreachable hub ids
-        raise InputError(f"--model {model}: cannot load ({_first_line(err)})") from err
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+        raise InputError(f"--model {model}: cannot load ({first_line(err)})") from err
 
 
 __all__ = ["Conditioning", "ModelAdapter", "SDAdapter", "SDXLAdapter", "SD3Adapter", "FluxAdapter", "FAMILIES",

@@ -40,7 +40,7 @@ def get_scorer(name: str, path: str | None = None, device="cpu", dtype: torch.dt
 
     Missing or unloadable weights, and a missing optional package, raise `InputError` naming the
     scorer and the path."""
-    from ...errors import InputError, MissingInputError, MissingPackageError
+    from ...errors import InputError, MissingInputError, MissingPackageError, first_line
     from ...models import looks_like_path
 
     if name not in SCORERS:
@@ -67,8 +67,7 @@ def get_scorer(name: str, path: str | None = None, device="cpu", dtype: torch.dt
         raise MissingPackageError(f"{name} scorer: {err}") from err
     except (OSError, ValueError, KeyError) as err:  # missing or unreadable weights
         where = f" from {path}" if path is not None else " (default weights; pass --scorer-path for local ones)"
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise InputError(f"{name} scorer: cannot load{where}: {first}") from err
+        raise InputError(f"{name} scorer: cannot load{where}: {first_line(err)}") from err
     if getattr(scorer, "name", "scorer") in (None, "", "scorer"):
         scorer.name = name
     return scorer
