@@ -113,18 +113,6 @@ def _sync_tree(folder: Path, hashes: bool = False) -> dict[str, list]:
     return files
 
 
-def write_json_atomic(path: str | Path, data) -> None:
-    """Write JSON to `path` through a fsynced temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f"{TMP}{path.name}")
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(data, indent=2, default=float))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def publish(tmp: Path, final: Path) -> None:
     """Rename the complete, fsynced `tmp` (file or folder) to `final`, replacing an old one only
     after the new one is in place. A crash in between leaves `.old-<name>`, restored by `clean_stale`."""
