@@ -176,25 +176,31 @@ def set_scheduler(pipeline, name: str) -> None:
 def load_pipeline(model: str, *, lora: str | None = None, lora_scale: float = 1.0, unet: str | None = None,
                   scheduler: str = "default", dtype: torch.dtype = torch.float32, device="cpu",
                   revision: str | None = None, variant: str | None = None):
-    """`DiffusionPipeline.from_pretrained(model)` (SD or SDXL), with an optional full fine-tuned
-    U-Net folder (`unet`, the folder or its parent holding `unet/`) and an optional LoRA file or
-    folder loaded with `pipe.load_lora_weights` at `lora_scale`. A LoRA none of whose keys reaches
-    the denoiser (U-Net) is an error, not a silent sample of the base model."""
-    from diffusers import DiffusionPipeline, UNet2DConditionModel
+    """`DiffusionPipeline.from_pretrained(model)` (SD, SDXL, SD3, FLUX), with an optional full fine-tuned
+    denoiser folder (`unet`: a U-Net or DiT folder, or its parent holding `unet/` or `transformer/`) and an
+    optional LoRA file or folder loaded with `pipe.load_lora_weights` at `lora_scale`. A LoRA none of whose
+    keys reaches the denoiser (U-Net or transformer) is an error, not a silent sample of the base model.
+    Text encoders the pipeline was saved without (SD3's `text_encoder_3=None`) stay None."""
+    import diffusers
+    from diffusers import DiffusionPipeline
 
     from ..models import check_pipeline_folder, looks_like_path
 
     check_pipeline_folder(model, flag="--model")
-    kwargs = {}
+    kwargs = _saved_without(model, revision)
     if unet:
         unet_dir = Path(unet)
-        if (unet_dir / "unet" / "config.json").is_file():
-            unet_dir = unet_dir / "unet"
+        for sub in ("unet", "transformer"):
+            if (unet_dir / sub / "config.json").is_file():
+                unet_dir = unet_dir / sub
         if not (unet_dir / "config.json").is_file():
-            raise MissingInputError(f"--unet {unet}: no U-Net config.json there or in its unet/ subfolder")
+            raise MissingInputError(f"--unet {unet}: no U-Net/transformer config.json there or in its unet/ or "
+                                    "transformer/ subfolder")
+        cls_name = json.loads((unet_dir / "config.json").read_text()).get("_class_name", "UNet2DConditionModel")
+        component = "unet" if cls_name.startswith("UNet") else "transformer"
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            kwargs["unet"] = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype)
+            kwargs[component] = getattr(diffusers, cls_name).from_pretrained(unet_dir, torch_dtype=dtype)
     with warnings.catch_warnings():  # diffusers >= 0.36 renamed torch_dtype to dtype; older ones know only torch_dtype
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
         try:
@@ -211,6 +217,19 @@ def load_pipeline(model: str, *, lora: str | None = None, lora_scale: float = 1.
     set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _saved_without(model: str, revision: str | None) -> dict:
+    """{component: None} for the text encoders/tokenizers model_index.json lists as [null, null] (SD3 saved
+    with text_encoder_3=None): from_pretrained must be told to leave them out."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(model, revision=revision)
+    except (OSError, ValueError):
+        return {}  # from_pretrained reports it
+    return {k: None for k, v in index.items() if k.startswith(("text_encoder", "tokenizer"))
+            and isinstance(v, (list, tuple)) and not any(v)}
 
 
 def _load_lora(pipe, lora: str, looks_like_path) -> None:
@@ -294,13 +313,14 @@ def sample_images(pipeline, prompts: list[str], seeds, *, steps: int, guidance: 
 # ---------------------------------------------------------------- the command
 @dataclass
 class SampleConfig:
-    model: str = field(metadata={"help": "base model: a diffusers folder or hub id (SD1.x/2.x or SDXL)"})
+    model: str = field(metadata={"help": "base model: a diffusers folder or hub id (SD1.x/2.x, SDXL, SD3/SD3.5, FLUX.1)"})
     prompts: str = field(metadata={"help": "prompt source: .txt (one a line), .csv/.tsv/.jsonl/.json/.parquet column, "
                                            "datasets save_to_disk folder or datasets hub id"})
     out: str = field(metadata={"help": "output folder (images/, index.jsonl, sample_manifest.json)"})
     lora: str | None = field(default=None, metadata={"help": "LoRA weights file or folder (pipe.load_lora_weights)"})
     lora_scale: float = field(default=1.0, metadata={"help": "LoRA strength"})
-    unet: str | None = field(default=None, metadata={"help": "full fine-tuned U-Net folder replacing the base U-Net"})
+    unet: str | None = field(default=None, metadata={"help": "full fine-tuned denoiser folder replacing the base one "
+                                                             "(a run's unet/ or transformer/, or the run folder)"})
     revision: str | None = field(default=None, metadata={"help": "model revision (hub ids)"})
     variant: str | None = field(default=None, metadata={"help": "weights variant, e.g. fp16"})
     prompt_column: str | None = field(default=None, metadata={

@@ -258,17 +258,23 @@ class ModelAdapter:
 
         The file carries `lora_adapter_metadata` (rank, alpha, targets), without which diffusers
         assumes alpha = rank and scales a LoRA trained with another --lora-alpha wrongly."""
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        state = self._lora_file_keys(get_peft_model_state_dict(unet))
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
         component = self.lora_component  # "unet" or "transformer": the keyword save_lora_weights takes
         self.pipeline_class.save_lora_weights(output_dir, weight_name=weight_name, **{
             f"{component}_lora_layers": state, f"{component}_lora_adapter_metadata": unet.peft_config["default"].to_dict()})
         return output_dir / weight_name
+
+
+    def _lora_file_keys(self, peft_state: dict) -> dict:
+        """The LoRA file's key names: diffusers' U-Net scripts convert peft's to diffusers' own."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        return convert_state_dict_to_diffusers(peft_state)
 
 
 def _load_vae(vae: str, revision: str | None, dtype: torch.dtype):
