@@ -7,7 +7,7 @@ Used by the tests (tiny U-Net, CPU), ``benchmarks/ncp_precision.py`` (SD1.5 arch
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -88,31 +88,46 @@ def median_deviation(errors: torch.Tensor, exact: torch.Tensor) -> float:
     return float(((errors[keep] - exact[keep]).abs() / exact[keep]).median())
 
 
-def precision_table(unet, scheduler, *, variants: dict[str, tuple[torch.dtype | None, str]], pairs: int = 16,
+@contextmanager
+def tf32(enabled: bool):
+    """TF32 for cuDNN convolutions and float32 matmuls on (as PyTorch's cuDNN default) or off, restored after."""
+    saved = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32 = enabled
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved[0]
+        torch.set_float32_matmul_precision(saved[1])
+
+
+def precision_table(unet, scheduler, *, variants: dict[str, tuple], pairs: int = 16,
                     latent_size: int = 8, timesteps=TIMESTEPS, ncp: NCPConfig | None = None, seed: int = 0,
                     device="cpu", gradients: bool = False) -> list[dict]:
     """One row per t: rms of the input difference, the exact fp32 mean error, and per variant the median
     relative deviation from exact fp32 (TF32 off) of the errors (and with ``gradients`` of their
     gradients, as "<variant> grad"). ``variants``: name -> (low-precision dtype with autocast to it, or
-    None for fp32 weights without autocast; NCP precision method)."""
+    None for fp32 weights without autocast; NCP precision method[; True for TF32 on, CUDA])."""
     ncp = ncp or NCPConfig()
     exact_unet = _copy_in(unet, torch.float32, device)
     problem = ncp_problem(exact_unet, scheduler, pairs=pairs, latent_size=latent_size, seed=seed, device=device)
-    low = {dtype: _copy_in(unet, dtype, device) for dtype, _ in variants.values() if dtype is not None}
+    low = {v[0]: _copy_in(unet, v[0], device) for v in variants.values() if v[0] is not None}
     exact_config = NCPConfig(ncp.timestep_mode, ncp.layers, precision="fp32")
     rows = []
     for t in timesteps:
-        exact, exact_grad = errors_at(exact_unet, problem, t, config=exact_config, with_grad=gradients)
+        with tf32(False):
+            exact, exact_grad = errors_at(exact_unet, problem, t, config=exact_config, with_grad=gradients)
         row = {"t": t, "d_rms": _difference_rms(problem, t, ncp), "exact_mean": float(exact.mean())}
-        for name, (dtype, method) in variants.items():
+        for name, (dtype, method, *tf32_on) in variants.items():
             config = NCPConfig(ncp.timestep_mode, ncp.layers, precision=method, scale_rms=ncp.scale_rms)
             net = exact_unet if dtype is None else low[dtype]
             # upstream gradient as DPO's with beta ~ 1 / error; fp16 as under a GradScaler: from 2^16 down,
             # halving while the gradient overflows
             scale = (2.0**16 if dtype == torch.float16 else 1.0) / max(row["exact_mean"], 1e-30)
             while True:
-                err, grad = errors_at(net, problem, t, config=config, autocast_dtype=dtype, with_grad=gradients,
-                                      loss_scale=scale)
+                with tf32(bool(tf32_on and tf32_on[0])):
+                    err, grad = errors_at(net, problem, t, config=config, autocast_dtype=dtype,
+                                          with_grad=gradients, loss_scale=scale)
                 if grad is None or bool(torch.isfinite(grad).all()) or dtype != torch.float16 or scale < 1e-30:
                     break
                 scale /= 2

@@ -230,7 +230,8 @@ def train(config: TrainConfig) -> TrainResult:
                        data=describe(dataset, config), nonfinite_skipped=state["nonfinite_skipped"],
                        skipped_rows={"count": len(skipped), "rows": skipped[:1000]},
                        final_metrics=state.get("last_metrics", {}), eval_history=state["eval_history"],
-                       weights=str(weights_path), beta_normalization=_beta_record(config, beta_scale))
+                       weights=str(weights_path), beta_normalization=_beta_record(config, beta_scale),
+                       peak_gpu_memory_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None)
         from ..publish.card import write_training_card
 
         write_training_card(out, family=adapter.family)  # README.md: the Hub model card, from the manifest
