@@ -128,3 +128,18 @@ def test_uniform_renoising_is_the_euler_step_to_a_fresh_sigma_and_same_uses_the_
     torch.testing.assert_close(target + gain * (v_hat - (noise - x0)), (1 - s) * x0_hat + s * noise,
                                rtol=1e-5, atol=1e-5)
     assert process.ncp_draws("t-1", 2, x_t, None) == {}  # the Euler step is deterministic
+
+
+@pytest.mark.parametrize("convention,theirs,ours", [("flow-grpo", 100.0, 50.0), ("flow-factory", 2000.0, 1000.0)])
+def test_flow_matching_beta_conventions(convention, theirs, ours):
+    """flow_grpo / Flow-Factory: -log sigmoid(-0.5 beta ((err_w - ref_w) - (err_l - ref_l))) on velocity errors."""
+    import torch.nn.functional as F
+
+    from ncppo.objectives import convert_beta, preference_loss
+
+    assert convert_beta(theirs, convention) == ours
+    g = torch.Generator().manual_seed(0)
+    pol, ref = 1 + 0.01 * torch.randn(8, generator=g), 1 + 0.01 * torch.randn(8, generator=g)
+    (pw, pl), (rw, rl) = pol.chunk(2), ref.chunk(2)
+    their_loss = -F.logsigmoid(-0.5 * theirs * ((pw - rw) - (pl - rl))).mean()
+    torch.testing.assert_close(preference_loss(pol, ref, objective="dpo", beta=ours).loss, their_loss)

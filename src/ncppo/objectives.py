@@ -69,6 +69,9 @@ BETA_CONVENTIONS = {
     "ncp-code": 1.0,  # the NCP research code (--beta_dpo)
     "diffusion-dpo": 0.5,  # official Diffusion-DPO: -0.5 * beta_dpo * (model_diff - ref_diff)
     "diffusers-sdxl": 0.5,  # diffusers SDXL DPO script: same 0.5 factor
+    # flow matching (SD3.5/FLUX, velocity errors): -log sigmoid(-0.5 * beta * ((err_w - ref_w) - (err_l - ref_l)))
+    "flow-grpo": 0.5,  # flow_grpo's SD3.5 DPO script (and verl-omni): beta 100 -> 50 here
+    "flow-factory": 0.5,  # Flow-Factory DPOTrainer, -beta/2: default 2000 -> 1000 here
 }
 
 
