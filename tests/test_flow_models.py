@@ -80,3 +80,16 @@ def test_predict_is_the_stock_pipelines_velocity(fixture, request):
     with torch.no_grad():
         v = m.predict(m.unet, noise, top, inputs, process)
     torch.testing.assert_close(stepped, noise - v, rtol=1e-4, atol=1e-5)
+
+
+def test_sd35m_recipe_config_parses_and_validates():
+    from pathlib import Path
+
+    from ncppo.configs import build_config, load_yaml
+    from ncppo.train.config import TrainConfig
+
+    values = load_yaml(Path(__file__).parents[1] / "configs" / "sd35m-ncp-dpo.yaml")
+    config = build_config(TrainConfig, {**values, "data": "d", "output_dir": "o"})  # checks every key and value
+    assert (config.space, config.beta_normalize, config.beta, config.lora_rank, config.lora_alpha) == (
+        "ncp", True, 0.3, 32, 64.0)
+    assert config.mixed_precision == "bf16" and config.timestep_sampling == "auto" and config.lora_targets is None

@@ -52,7 +52,8 @@ class FlowAdapter(ModelAdapter):
     def _check_latents(self, latents: torch.Tensor) -> None:
         h, w = latents.shape[-2:]
         if h % self.patch_size or w % self.patch_size:
-            factor = self.vae_scale_factor * self.patch_size if self.encoders_loaded else f"{self.patch_size} x the VAE factor"
+            loaded = self.encoders_loaded and self._vae is not None
+            factor = self.vae_scale_factor * self.patch_size if loaded else f"{self.patch_size} x the VAE's downsampling"
             raise ValueError(f"latents {h}x{w} do not split into {self.patch_size}x{self.patch_size} patches: "
                              f"--resolution must be a multiple of {factor}")
 
