@@ -193,3 +193,22 @@ def test_sample_command_with_a_lora_on_sd3(tiny_sd3_path, pairs_parquet, tmp_pat
     a = np.asarray(Image.open(tmp_path / "base" / out["base"][0]["file"]), dtype=np.float32)
     b = np.asarray(Image.open(tmp_path / "tuned" / out["tuned"][0]["file"]), dtype=np.float32)
     assert np.abs(a - b).max() > 0
+
+
+@pytest.mark.parametrize("family", sorted(FIXTURES))
+def test_the_flow_library_snippet_runs(family, request):
+    """docs/library.md's SD3/FLUX step, executed on the tiny pipelines."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "library.md").read_text()
+    snippet = re.findall(r"```python\n(.*?)```", text, re.S)[1]
+    assert "adapter.perception" in snippet
+    g = torch.Generator().manual_seed(0)
+    scope = dict(model=str(request.getfixturevalue(FIXTURES[family])), dtype=torch.float32, device="cpu", B=2,
+                 captions=["a red circle", "a cat"], x0=torch.randn(4, 16, 16, 16, generator=g), gen=g,
+                 noise=torch.randn(2, 16, 16, 16, generator=g).repeat(2, 1, 1, 1))
+    exec(snippet, scope)
+    assert scope["out"].loss.item() == pytest.approx(0.6931471805599453, abs=1e-6)  # LoRA at init: policy == reference
+    scope["out"].loss.backward()
+    assert (scope["pol_err"] > 0).all()
