@@ -106,9 +106,15 @@ def test_saved_lora_loads_into_the_stock_pipeline_and_changes_its_output(family,
     from diffusers import DiffusionPipeline
 
     path = request.getfixturevalue(FIXTURES[family])
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on a white background\n")  # the toy-judge scorer's grammar
     result = train(make_config(path, pairs_parquet, tmp_path / "run", space=space, beta=BETA[space],
-                               learning_rate=5e-2))
+                               learning_rate=5e-2, validation_prompts=["a red circle"], validation_every=2,
+                               eval_every=2, eval_prompts=str(prompts), eval_scorer="toy-judge", sample_steps=2))
     assert result.steps == 2 and result.weights_path.name == "pytorch_lora_weights.safetensors"
+    # the validation and eval hooks drew through the same adapter
+    assert [p.name for p in (tmp_path / "run" / "validation").glob("*.png")] == ["step-0000002.png"]
+    assert [h["step"] for h in result.eval_history] == [0, 2] and "win_rate_vs_step0" in result.eval_history[1]
     keys = load_file(result.weights_path).keys()
     assert all(k.startswith("transformer.") for k in keys)
     assert any(".attn.add_q_proj.lora_A" in k for k in keys) and any(".attn.to_add_out.lora_B" in k for k in keys)
