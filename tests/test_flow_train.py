@@ -218,3 +218,29 @@ def test_the_flow_library_snippet_runs(family, request):
     assert scope["out"].loss.item() == pytest.approx(0.6931471805599453, abs=1e-6)  # LoRA at init: policy == reference
     scope["out"].loss.backward()
     assert (scope["pol_err"] > 0).all()
+
+
+@pytest.mark.slow
+def test_two_processes_train_flux_ncp(tiny_flux_path, pairs_parquet, tmp_path):
+    """torchrun + accelerate on CPUs (gloo), as `accelerate launch` runs it: metrics are the mean over ranks."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ncppo",
+           "train", "--model", str(tiny_flux_path), "--data", str(pairs_parquet), "--output-dir", str(out),
+           "--resolution", "32", "--batch-size", "1", "--lora-rank", "4", "--max-steps", "2", "--report-to", "none",
+           "--checkpoint-every", "0", "--log-every", "1", "--space", "ncp", "--beta", "1000000",
+           "--log-rank-metrics", "true"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged, rank0, rank1 = ([json.loads(line) for line in (out / name).read_text().splitlines()]
+                            for name in ("metrics.jsonl", "metrics_rank0.jsonl", "metrics_rank1.jsonl"))
+    assert rank0[0]["ref_err_w"] != rank1[0]["ref_err_w"]  # each rank saw its own pairs
+    for m, a, b in zip(merged, rank0, rank1):
+        for key in ("loss", "policy_err_w", "ref_err_l"):
+            assert m[key] == pytest.approx((a[key] + b[key]) / 2, rel=1e-6, abs=1e-15), key
+    assert json.loads((out / "manifest.json").read_text())["processes"] == 2
+    assert load_file(out / "pytorch_lora_weights.safetensors")
