@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from ..errors import InputError, MissingInputError, OutputExistsError
-from ..objectives import BETA_CONVENTIONS
+from ..objectives import BETA_CONVENTIONS, NEEDS_REFERENCE
 from .run import WEIGHTS_FILE, TrainedRun, load_run
 
 # The card's last line; a README.md without it was written by someone else and is never overwritten.
@@ -204,14 +204,16 @@ def _method(run: TrainedRun) -> str:
                      f"`{c.get('ncp_layers')}`{precision}.")
     if c.get("objective") != "sft" and c.get("beta") is not None:
         beta, norm = float(c["beta"]), (run.manifest or {}).get("beta_normalization") or {}
-        text = f"- beta = {beta:.6g} in ncppo's convention, `logits = beta * ((ref_w - ref_l) - (policy_w - policy_l))`"
+        text = f"- beta = {beta:.6g} in ncppo's convention"
+        if c.get("objective") in NEEDS_REFERENCE:
+            text += ", `logits = beta * ((ref_w - ref_l) - (policy_w - policy_l))`"
         if norm.get("effective_beta"):
             text += (f", divided by the reference error scale {norm['error_scale']:.4g} measured at the start "
                      f"(`--beta-normalize`): effective beta {norm['effective_beta']:.6g}")
             beta = float(norm["effective_beta"])
-        official = beta / BETA_CONVENTIONS["diffusion-dpo"]
-        lines.append(f"{text}; the official Diffusion-DPO code would call this `beta_dpo = {official:.6g}`. "
-                     "Raw betas are not comparable between the latent and the NCP space.")
+        if c.get("objective") == "dpo":
+            text += f"; the official Diffusion-DPO code would call this `beta_dpo = {beta / BETA_CONVENTIONS['diffusion-dpo']:.6g}`"
+        lines.append(text + ". Raw betas are not comparable between the latent and the NCP space.")
     if c.get("objective") == "cpo" and c.get("cpo_lambda"):
         lines.append(f"- CPO winner-error weight lambda = {c['cpo_lambda']:g}.")
     if c.get("objective") == "orpo":
