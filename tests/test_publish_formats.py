@@ -246,3 +246,34 @@ def test_kohya_names_map_back_to_every_module_at_full_scale(pipeline_class, unet
     state, alphas = getattr(diffusers, pipeline_class).lora_state_dict(to_kohya(peft, ALPHA), unet_config=unet.config)
     assert set(convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})) == set(peft)
     assert len(alphas) == len(peft) // 2 and set(alphas.values()) == {ALPHA}
+
+
+def test_flow_family_exports_its_formats_and_refuses_kohya(tiny_sd3_path, tmp_path, capsys):
+    """SD3 (a DiT): the adapter declares diffusers and merged; both give base + LoRA's images."""
+    from peft import LoraConfig
+
+    adapter = load_model(str(tiny_sd3_path))
+    adapter.denoiser.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian",
+                                            target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    g = torch.Generator().manual_seed(0)
+    for name, p in adapter.denoiser.named_parameters():
+        if "lora_B" in name:
+            p.data = 0.1 * torch.randn(p.shape, generator=g)
+    out = tmp_path / "run"
+    adapter.save_lora(adapter.denoiser, out)
+    write_manifest(out / "manifest.json", command="train", steps=3,
+                   config=TrainConfig(model=str(tiny_sd3_path), data="pairs", output_dir=str(out), lora_rank=RANK))
+    assert main(["export", str(out), "--format", "kohya", "--out", str(tmp_path / "k.safetensors")]) == 2
+    assert "not available for the sd3 family (it exports diffusers, merged)" in capsys.readouterr().err
+    plain, merged = tmp_path / "plain.safetensors", tmp_path / "merged"
+    run_export(ExportConfig(run=str(out), format="diffusers", out=str(plain)))
+    run_export(ExportConfig(run=str(out), format="merged", out=str(merged)))
+
+    def draw(pipe):
+        return pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    reference = draw(with_lora(tiny_sd3_path, out / "pytorch_lora_weights.safetensors"))
+    assert abs(reference - draw(pipeline(tiny_sd3_path))).max() > 1e-2  # the LoRA matters (measured: 0.07)
+    for pipe in (with_lora(tiny_sd3_path, plain), pipeline(merged)):
+        assert abs(draw(pipe) - reference).max() <= TOL

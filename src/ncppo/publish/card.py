@@ -31,7 +31,8 @@ OBJECTIVES = {"dpo": "DPO", "cpo": "CPO", "sft": "SFT (winners only)", "ipo": "I
 SPACES = {
     "latent": "latent space: the per-sample noise-prediction error of Diffusion-DPO (Wallace et al. 2023)",
     "ncp": "noise-conditioned perceptual (NCP) space: the error is measured between features of the frozen "
-           f"U-Net's own encoder (Gambashidze et al., [arXiv 2406.17636]({PAPER}))",
+           "base network's own encoder (a U-Net's down blocks, a DiT's first blocks; Gambashidze et al., "
+           f"[arXiv 2406.17636]({PAPER}))",
 }
 WIDGET_DIR = "images"
 
@@ -183,12 +184,17 @@ def _method_name(run: TrainedRun) -> str:
     return f"{space}-{c['objective'].upper()}"
 
 
+def _denoiser(run: TrainedRun) -> str:
+    return {"unet": "U-Net", "transformer": "transformer"}.get(run.adapter_class.lora_component, "denoiser")
+
+
 def _title(run: TrainedRun, kind: str) -> str:
     what = {"merged": "pipeline", "full": "fine-tuned U-Net", "kohya": "LoRA (kohya format)"}.get(kind, "LoRA")
     step = f" at step {run.step}" if run.checkpoint else ""
     return (f"# {run.output_dir.name}{step}: {_method_name(run)} {what} for {run.model}\n\n"
             f"Preference-aligned {run.family.upper()} weights trained with [ncppo](#method) "
-            f"({run.config.get('finetune', 'lora')} fine-tuning of the U-Net; text encoders and VAE unchanged).")
+            f"({run.config.get('finetune', 'lora')} fine-tuning of the {_denoiser(run)}; text encoders and VAE "
+            "unchanged).")
 
 
 def _method(run: TrainedRun) -> str:
@@ -200,6 +206,7 @@ def _method(run: TrainedRun) -> str:
              f"in {SPACES.get(c.get('space'), c.get('space'))}."]
     if c.get("space") == "ncp":
         precision = f", precision `{c['ncp_precision']}`" if c.get("ncp_precision") else ""
+        precision += f", first {c['ncp_blocks']} blocks" if c.get("ncp_blocks") else ""
         lines.append(f"- NCP settings: timestep mode `{c.get('timestep_mode')}`, encoder features "
                      f"`{c.get('ncp_layers')}`{precision}.")
     if c.get("objective") != "sft" and c.get("beta") is not None:
@@ -220,11 +227,17 @@ def _method(run: TrainedRun) -> str:
         lines.append(f"- ORPO odds-ratio weight = {c.get('orpo_lambda')}.")
     if run.lora is not None:
         lines.append(f"- LoRA rank {run.rank}, alpha {run.alpha:g} (scale alpha / rank = {run.alpha / run.rank:g}) "
-                     f"on {', '.join(c.get('lora_targets') or sorted({m.rsplit('.', 2)[-1] for m in run.modules}))} "
-                     f"of the U-Net ({len(run.modules)} modules).")
+                     f"on {', '.join(c.get('lora_targets') or sorted({_leaf(m) for m in run.modules}))} "
+                     f"of the {_denoiser(run)} ({len(run.modules)} modules).")
     elif c.get("finetune") == "full":
-        lines.append("- Full fine-tuning of every U-Net weight against a frozen copy of the base U-Net.")
+        lines.append(f"- Full fine-tuning of every {_denoiser(run)} weight against a frozen copy of the base one.")
     return "\n".join(lines)
+
+
+def _leaf(module: str) -> str:
+    """The module's own name: `to_q`, or `to_out.0` for a numbered child."""
+    parts = module.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
 
 
 def _data(run: TrainedRun) -> str:
