@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass, field, fields
 
@@ -169,8 +168,6 @@ class TrainConfig:
             raise ConfigError(f"--max-train-samples must be >= 1, got {self.max_train_samples}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ConfigError(f"--checkpoints-total-limit must be >= 1 (or none), got {self.checkpoints_total_limit}")
-        if self.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
-            raise ConfigError("--optimizer adamw8bit needs bitsandbytes: pip install 'ncppo[bnb]'")
         if self.eval_every and not (self.eval_prompts and self.eval_scorer):
             raise ConfigError("--eval-every needs --eval-prompts and --eval-scorer")
         if self.finetune == "lora" and self.lora_targets is not None and not self.lora_targets:

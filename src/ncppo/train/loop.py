@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import MissingPackageError
 from ..manifest import write_manifest
 from ..spaces.ncp import NCPConfig
 from . import checkpoint as ckpt
@@ -302,7 +303,7 @@ def _optimizer(config: TrainConfig, params, lr):
         try:
             import bitsandbytes as bnb
         except ImportError as err:
-            raise ImportError("--optimizer adamw8bit needs bitsandbytes: pip install 'ncppo[bnb]'") from err
+            raise MissingPackageError("--optimizer adamw8bit needs bitsandbytes: pip install 'ncppo[bnb]'") from err
         return bnb.optim.AdamW8bit(params, **kwargs)
     # The fused CUDA kernel: one launch for all LoRA tensors instead of several per tensor.
     fused = bool(params) and all(p.is_cuda and p.dtype == torch.float32 for p in params)
