@@ -63,6 +63,18 @@ def test_grids_widen_past_an_edge_then_refine_and_resume(tmp_path):
     assert (tmp_path / "study" / "manifest.json").is_file()
 
 
+def test_extra_grid_seeds_for_the_best_values(tmp_path):
+    runner = FakeRunner()
+    data = run_study(_cfg(tmp_path, phases=["grid", "report"], latent_grid=[0.01, 0.1, 1.0], ncp_grid=[10.0, 100.0],
+                          widen=0, refine=False, grid_seeds=2, grid_top=2), runner)
+    seeds = {(r["spec"]["space"], r["spec"]["beta"]): r["spec"]["seed"] for r in data["runs"].values()
+             if r["spec"]["seed"] == 10}
+    assert sorted(seeds) == [("latent", 0.01), ("latent", 0.1), ("ncp", 10.0), ("ncp", 100.0)]
+    rows = {r["beta"]: r for r in data["summary"]["grids"]["latent"]}
+    assert rows[0.1]["seeds"] == [0, 10] and rows[1.0]["seeds"] == [0] and rows[1.0]["diff_seeds"] == [0]
+    assert rows[0.01]["diff_seeds"] == [0, 10]  # paired on both training seeds
+
+
 def test_all_phases_statistics_and_report(tmp_path):
     runner = FakeRunner()
     data = run_study(_cfg(tmp_path), runner)

@@ -33,6 +33,7 @@ from .runs import RunSpec, image_set
 SPACES = ("latent", "ncp")
 PHASES = ("grid", "final", "objectives", "variants", "report")
 VAL_SEED0, EVAL_SEED0 = 2000, 1000  # image seeds: validation 2000.., held-out 1000.. (curves use 0..)
+GRID_EXTRA_SEED0 = 10  # training seeds of the grid: 0, then 10, 11, ... (final runs use 1 .. seeds)
 
 
 @dataclass
@@ -53,6 +54,9 @@ class StudyConfig:
     ncp_grid: list[float] = option([0.1, 1.0, 10.0, 100.0, 1000.0], "initial normalised betas, NCP-DPO")
     widen: int = option(2, "decades a grid may grow past an edge whose value is the best")
     refine: bool = option(True, "add the half-decade values (x0.3, x3) either side of each grid's best")
+    grid_seeds: int = option(1, "training seeds per grid value among the --grid-top best (seed 0, then 10, 11, ...); "
+                                "the best is then chosen by the mean over seeds")
+    grid_top: int = option(3, "grid values (best first, by seed 0) that get the extra --grid-seeds")
     val_seeds: int = option(16, "seeds per validation prompt for grid points (x 6 prompts)")
     seeds: int = option(5, "training seeds per chosen setting (final phase)")
     eval_seeds: int = option(32, "seeds per held-out prompt for the final comparison (x 6 prompts)")
@@ -69,7 +73,7 @@ class StudyConfig:
     bootstrap: int = option(10000, "bootstrap resamples of every interval")
 
     def validate(self):
-        for name in ("steps", "pairs", "batch_size", "val_seeds", "seeds", "eval_seeds", "curve_seeds",
+        for name in ("steps", "pairs", "batch_size", "val_seeds", "grid_seeds", "grid_top", "seeds", "eval_seeds", "curve_seeds",
                      "eval_every", "bootstrap", "variant_seeds", "beta_normalize_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
@@ -209,9 +213,15 @@ class Study:
         values = sorted({_g(v) for v in initial})
         grown = {"low": 0, "high": 0}
 
+        def score(v: float) -> float:  # mean over the training seeds run so far (seed 0 first)
+            self.run("grid", "validation", self.spec(space, v, 0, objective=objective))
+            runs = [r for r in self.store.runs.values() if r["phase"] == "grid" and r["spec"]["space"] == space
+                    and r["spec"]["objective"] == objective and _g(r["spec"]["beta"]) == v
+                    and (space == "latent" or (r["spec"]["timestep_mode"], r["spec"]["ncp_layers"]) == ("t-1", "down"))]
+            return _mean([_mean(r["scores"]) for r in runs])
+
         def best():
-            scores = {v: _mean(self.run("grid", "validation", self.spec(space, v, 0, objective=objective))["scores"])
-                      for v in values}
+            scores = {v: score(v) for v in values}
             return max(values, key=lambda v: scores[v])
 
         top = best()
@@ -228,6 +238,11 @@ class Study:
         if refine:  # the half-decades either side of the best, inside the grid's range
             low, high = values[0], values[-1]
             values = sorted(set(values) | {v for v in (_g(top * 0.3), _g(top * 3)) if low < v < high})
+            top = best()
+        if self.cfg.grid_seeds > 1:
+            for v in sorted(values, key=score, reverse=True)[: self.cfg.grid_top]:
+                for seed in range(GRID_EXTRA_SEED0, GRID_EXTRA_SEED0 + self.cfg.grid_seeds - 1):
+                    self.run("grid", "validation", self.spec(space, v, seed, objective=objective))
             top = best()
         return top
 

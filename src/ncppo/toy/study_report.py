@@ -37,23 +37,30 @@ def _runs(data: dict, *, phase: str, objective: str = "dpo", space: str | None =
 
 
 def grid_table(data: dict, space: str, objective: str = "dpo", n_resamples: int = 4000) -> list[dict]:
-    """One row per grid value: mean validation score, its difference from the grid's best (paired
-    on the same images) with an interval, and the measured error scale / effective raw beta."""
-    runs = _runs(data, phase="grid", objective=objective, space=space)
-    if not runs:
+    """One row per grid value: mean validation score over its training seeds, its difference from
+    the grid's best (paired on the same images and training seeds) with an interval, and the
+    measured error scale / effective raw beta."""
+    by_beta: dict[float, dict[int, dict]] = {}
+    for r in _runs(data, phase="grid", objective=objective, space=space):
+        by_beta.setdefault(r["spec"]["beta"], {})[r["spec"]["seed"]] = r
+    if not by_beta:
         return []
     base = data["base"]["validation"]
-    groups = _prompt_groups(base["prompts"])
-    best = max(runs, key=lambda r: np.mean(r["scores"]))
+    prompts = _prompt_groups(base["prompts"])
+    mean = {b: float(np.mean([np.mean(r["scores"]) for r in runs.values()])) for b, runs in by_beta.items()}
+    top = max(mean, key=mean.get)
     rows = []
-    for r in runs:
-        diff = np.asarray(r["scores"]) - np.asarray(best["scores"])
-        lo, hi = two_stage_bootstrap(diff, groups, n_resamples=n_resamples) if r is not best else (0.0, 0.0)
-        bn = r.get("beta_normalization") or {}
-        rows.append(dict(beta=r["spec"]["beta"], mean=float(np.mean(r["scores"])), diff=float(diff.mean()),
-                         diff_ci=[lo, hi], best=r is best, error_scale=bn.get("error_scale"),
-                         effective_beta=bn.get("effective_beta"),
-                         win_vs_base=float(win_values(r["scores"], base["scores"]).mean())))
+    for beta, runs in sorted(by_beta.items()):
+        shared = sorted(set(runs) & set(by_beta[top]))
+        diff = np.concatenate([np.asarray(runs[k]["scores"]) - np.asarray(by_beta[top][k]["scores"]) for k in shared])
+        groups = (np.stack([np.repeat(np.arange(len(shared)), len(prompts)), np.tile(prompts, len(shared))], 1)
+                  if len(shared) > 1 else prompts)
+        lo, hi = two_stage_bootstrap(diff, groups, n_resamples=n_resamples) if beta != top else (0.0, 0.0)
+        bn = runs[min(runs)].get("beta_normalization") or {}
+        wins = np.concatenate([win_values(r["scores"], base["scores"]) for r in runs.values()])
+        rows.append(dict(beta=beta, seeds=sorted(runs), mean=mean[beta], diff=float(diff.mean()), diff_ci=[lo, hi],
+                         diff_seeds=shared, best=beta == top, error_scale=bn.get("error_scale"),
+                         effective_beta=bn.get("effective_beta"), win_vs_base=float(wins.mean())))
     return rows
 
 
@@ -271,19 +278,19 @@ def write_study_report(out: Path, data: dict, cfg) -> Path:
              f"{c.get('guidance')}, scored by the toy judge. Intervals: 95% two-stage bootstrap (prompts, then seeds "
              "inside them; training seeds and prompts crossed when seeds are pooled), widened for few prompts "
              "(docs/evaluation.md).", ""]
-    lines += ["## 1. Beta grids (DPO, validation prompts, training seed 0)", ""]
+    lines += ["## 1. Beta grids (DPO, validation prompts; training seed 0, the best values also 10, 11, ...)", ""]
     if val:
         lines.append(f"{len(val['scores'])} validation images per grid point ({len(set(val['prompts']))} prompts x "
                      f"{len(val['scores']) // max(1, len(set(val['prompts'])))} seeds); base mean "
                      f"{np.mean(val['scores']):.3f}. Difference: paired on the same images, vs the grid's best.")
         lines.append("")
-    lines += ["| space | normalised beta | error scale | raw beta (effective) | mean score | vs best [95% CI] | "
-              "win vs base |", "|---|---|---|---|---|---|---|"]
+    lines += ["| space | normalised beta | error scale | raw beta (effective) | training seeds | mean score | "
+              "vs best [95% CI] | win vs base |", "|---|---|---|---|---|---|---|---|"]
     for space, rows in s["grids"].items():
         for r in rows:
             mark = " **best**" if r["best"] else ""
             lines.append(f"| {NAMES[space]}{mark} | {r['beta']:g} | {_raw(r['error_scale'])} | "
-                         f"{_raw(r['effective_beta'])} | {r['mean']:.3f} | {r['diff']:+.3f} "
+                         f"{_raw(r['effective_beta'])} | {len(r['seeds'])} | {r['mean']:.3f} | {r['diff']:+.3f} "
                          f"{_ci(r['diff_ci'], pct=False)} | {_pct(r['win_vs_base'])} |")
     lines.append("")
     for space, ok in s["interior"].items():
