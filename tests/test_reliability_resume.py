@@ -193,3 +193,15 @@ def test_full_disk_on_the_main_process_stops_every_process(tiny_sd_path, pairs_p
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-1"]
     assert ckpt.verify_checkpoint(out / "checkpoint-1") is None
     assert not (out / ".tmp-checkpoint-2").exists()
+
+
+def test_another_lora_alpha_is_another_run():
+    from ncppo.train.config import TrainConfig
+
+    def identity(**overrides):
+        config = TrainConfig(model="m", data="d", output_dir="o", lora_rank=4, **overrides)
+        return ckpt.run_identity(config, processes=1, data_fingerprint="f", pairs=10)
+
+    saved = identity()  # alpha defaults to the rank
+    assert ckpt.identity_differences(saved, identity(lora_alpha=4.0)) == []
+    assert ckpt.identity_differences(saved, identity(lora_alpha=8.0)) == ["lora_alpha 4 there, 8.0 now"]

@@ -164,8 +164,8 @@ def load_run(path: str | Path, *, model: str | None = None, lora_alpha: float | 
 
 
 # The config keys a checkpoint's run identity (checkpoint.run_identity) holds.
-_IDENTITY_CONFIG = ("model", "vae", "revision", "variant", "finetune", "lora_rank", "lora_targets", "batch_size",
-                    "gradient_accumulation_steps")
+_IDENTITY_CONFIG = ("model", "vae", "revision", "variant", "finetune", "lora_rank", "lora_alpha", "lora_targets",
+                    "batch_size", "gradient_accumulation_steps")
 
 
 def read_diffusers_lora(file: str | Path, component: str = "unet") -> tuple[dict[str, torch.Tensor], float | None]:

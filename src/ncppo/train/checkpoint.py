@@ -41,8 +41,8 @@ TEST_FAULT_ENV = "NCPPO_TEST_FAULT"
 
 # What makes a checkpoint belong to a run: resuming with any of these changed is refused
 # (unless --resume-anyway), because the data order, the optimizer state or the weights would not fit.
-IDENTITY_KEYS = ("model", "vae", "revision", "variant", "finetune", "lora_rank", "lora_targets", "batch_size",
-                 "gradient_accumulation_steps", "processes", "data_fingerprint", "pairs")
+IDENTITY_KEYS = ("model", "vae", "revision", "variant", "finetune", "lora_rank", "lora_alpha", "lora_targets",
+                 "batch_size", "gradient_accumulation_steps", "processes", "data_fingerprint", "pairs")
 
 
 def warn(message: str) -> None:
@@ -216,7 +216,9 @@ def run_identity(config, *, processes: int, data_fingerprint: str, pairs: int) -
     values.update(processes=processes, data_fingerprint=data_fingerprint, pairs=pairs)
     values["lora_targets"] = list(values["lora_targets"] or [])
     if config.finetune != "lora":
-        values["lora_rank"] = values["lora_targets"] = None
+        values["lora_rank"] = values["lora_alpha"] = values["lora_targets"] = None
+    else:
+        values["lora_alpha"] = values["lora_alpha"] or values["lora_rank"]  # the alpha trained with
     return values
 
 
