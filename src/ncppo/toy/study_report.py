@@ -86,7 +86,8 @@ def _pooled(runs: list[dict], base: dict, n_resamples: int) -> dict:
     wins = np.concatenate([win_values(r["scores"], base["scores"]) for r in runs])
     lo, hi = two_stage_bootstrap(scores, groups, n_resamples=n_resamples)
     wlo, whi = win_rate_interval(wins, groups, n_resamples=n_resamples)
-    return dict(seeds=[r["spec"]["seed"] for r in runs], mean=float(scores.mean()), mean_ci=[lo, hi],
+    return dict(seeds=[r["spec"]["seed"] for r in runs], beta=runs[0]["spec"]["beta"], mean=float(scores.mean()),
+                mean_ci=[lo, hi],
                 win_vs_base=float(wins.mean()), win_vs_base_ci=[wlo, whi],
                 per_seed=[float(np.mean(r["scores"])) for r in runs])
 
@@ -182,6 +183,9 @@ def summarise(data: dict, n_resamples: int = 10000) -> dict:
                                                                   rows.items() if r and common is not None})
     base = data["base"].get("eval")
     final = {space: _runs(data, phase="final", space=space) for space in SPACES}
+    # the runs at the beta the final phase used (data["chosen"]), should a later grid have moved it
+    used = data.get("chosen") or {}
+    final = {space: [r for r in runs if used.get(space) in (None, r["spec"]["beta"])] for space, runs in final.items()}
     if base and all(final.values()):
         curve_prompts = [p for p in sorted(set(base["prompts"]), key=base["prompts"].index)]
         k = len(final["ncp"][0]["curve"][0]["scores"]) // len(curve_prompts) if final["ncp"][0].get("curve") else 0
@@ -329,7 +333,7 @@ def write_study_report(out: Path, data: dict, cfg) -> Path:
                   "| method | normalised beta | mean score [95% CI] | per seed | win vs base [95% CI] |",
                   "|---|---|---|---|---|"]
         for space, e in f["spaces"].items():
-            lines.append(f"| {NAMES[space]} | {s['chosen'][space]:g} | {e['mean']:.3f} {_ci(e['mean_ci'], False)} | "
+            lines.append(f"| {NAMES[space]} | {e['beta']:g} | {e['mean']:.3f} {_ci(e['mean_ci'], False)} | "
                          + ", ".join(f"{x:.2f}" for x in e["per_seed"])
                          + f" | {_pct(e['win_vs_base'])} {_ci(e['win_vs_base_ci'])} |")
         h = f["ncp_vs_latent"]
