@@ -169,7 +169,7 @@ def test_merged_pipeline_gives_base_plus_lora_images(run, tmp_path):
 
 
 @pytest.mark.parametrize("run", ["sd"], indirect=True)  # family-independent
-def test_refusals_are_one_line_and_a_bare_checkpoint_needs_alpha(run, tmp_path, capsys):
+def test_refusals_are_one_line_and_a_bare_checkpoint_exports_with_its_alpha(run, tmp_path, capsys):
     # A family whose adapter does not declare kohya (e.g. a DiT) is refused before any work.
     class NoKohya(SDAdapter):
         family = "dit"
@@ -184,13 +184,12 @@ def test_refusals_are_one_line_and_a_bare_checkpoint_needs_alpha(run, tmp_path, 
     finally:
         del FAMILIES["dit"]
 
-    # The checkpoint of a run that never wrote manifest.json: alpha must be given.
+    # The checkpoint of a run that never wrote manifest.json: model and the trained alpha come from the
+    # run identity in its trainer state.
     bare = tmp_path / "bare" / "checkpoint-7"
     shutil.copytree(run.checkpoint, bare)
     out = tmp_path / "bare.safetensors"
-    assert main(["export", str(bare), "--format", "kohya", "--out", str(out)]) == 2
-    assert "--lora-alpha" in capsys.readouterr().err
-    args = ["export", str(bare), "--format", "kohya", "--out", str(out), "--lora-alpha", "12"]  # model: trainer state
+    args = ["export", str(bare), "--format", "kohya", "--out", str(out)]
     assert main(args) == 0
     full = tmp_path / "full.safetensors"
     run_export(ExportConfig(run=str(run.checkpoint), format="kohya", out=str(full)))
