@@ -15,6 +15,10 @@ def test_families_are_detected_from_model_index(tiny_sd3_path, tiny_sd3_no_t5_pa
     assert detect_family(str(tiny_sd3_no_t5_path)) == "sd3"
     assert detect_family(str(tiny_flux_path)) == "flux"
     assert detect_family(str(tiny_sd_path)) == "sd"
+    from ncppo.configs import ConfigError
+
+    with pytest.raises(ConfigError, match="--flow-shift applies to flow-matching models"):
+        load_model(str(tiny_sd_path)).noise_process(shift=3.0)
 
 
 @pytest.mark.parametrize("name", ["KandinskyV22Pipeline", "FluxFillPipeline", "StableDiffusion3ControlNetPipeline"])
