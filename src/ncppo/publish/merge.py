@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..models.base import load_vae
 from .files import atomic_path
 
 
@@ -28,7 +29,7 @@ def merged_pipeline(run):
         pipe = DiffusionPipeline.from_pretrained(run.model, revision=c.get("revision"), variant=c.get("variant"),
                                                  torch_dtype=torch.float32)
         if c.get("vae"):
-            pipe.vae = _vae(type(pipe.vae), c["vae"], c.get("revision"))
+            pipe.vae = load_vae(c["vae"], c.get("revision"), torch.float32, cls=type(pipe.vae))
         component = run.adapter_class.lora_component
         if run.full_unet is not None:
             denoiser = type(getattr(pipe, component)).from_pretrained(run.full_unet, torch_dtype=torch.float32)
@@ -53,9 +54,3 @@ def save_merged(run, out: str | Path, dtype: torch.dtype = torch.float32) -> Pat
         pipe.save_pretrained(tmp, safe_serialization=True)
     return Path(out)
 
-
-def _vae(cls, vae: str, revision: str | None):
-    """The VAE named by the run's --vae: a hub id or folder holding it, or a pipeline with vae/."""
-    local = Path(vae)
-    subfolder = "vae" if local.is_dir() and not (local / "config.json").exists() else None
-    return cls.from_pretrained(vae, subfolder=subfolder, revision=revision, torch_dtype=torch.float32)
