@@ -41,6 +41,16 @@ def tiny_sdxl_path(tmp_path_factory):
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", "sdxl")
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """torch on one thread while a module runs (restored after): the tiny DiTs' kernels are too small
+    to split, and two threads spin-waiting on a shared 2-core machine took 4.6x longer (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd3_path(tmp_path_factory):
     """SD3.5-like: MMDiT (dual attention in block 0, RMS qk-norm), two CLIP encoders and T5."""

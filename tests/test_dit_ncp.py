@@ -17,6 +17,8 @@ from ncppo.lora import adapters_disabled
 from ncppo.spaces import NCPConfig, compute_errors
 from ncppo.spaces.dit import default_blocks, total_blocks
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 PROMPTS = ["a red circle", "a blue square"]
 
 

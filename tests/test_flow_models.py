@@ -9,6 +9,8 @@ import torch
 from ncppo.errors import InputError
 from ncppo.models import detect_family, load_model
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def test_families_are_detected_from_model_index(tiny_sd3_path, tiny_sd3_no_t5_path, tiny_flux_path, tiny_sd_path):
     assert detect_family(str(tiny_sd3_path)) == "sd3"

@@ -11,6 +11,8 @@ from ncppo.spaces.flow import FlowMatchProcess
 from ncppo.spaces.process import DDPMProcess, LevelSampling, as_process
 from ncppo.tiny import tiny_flow_scheduler, tiny_scheduler
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def test_fixed_shift_sigmas_are_the_schedulers_training_timesteps():
     scheduler = tiny_flow_scheduler()  # SD3.5: shift 3

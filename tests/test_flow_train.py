@@ -19,6 +19,8 @@ from ncppo.train.config import TrainConfig
 from ncppo.train.loop import train
 from ncppo.train.step import Reference, preference_step
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 FIXTURES = {"sd3": "tiny_sd3_path", "flux": "tiny_flux_path"}
 BETA = {"latent": 50.0, "ncp": 1e6}  # flow latent errors ~1.4, tiny-DiT NCP errors ~1e-7
 
