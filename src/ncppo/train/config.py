@@ -42,7 +42,8 @@ class TrainConfig:
                                    "(x0-hat re-noised at a fresh t'), same (re-noised at t).",
                             choices=("t-1", "uniform", "same"))
     ncp_layers: str = option("down", "NCP: encoder features compared: down (last down block), mid (mid block), "
-                                 "multi (conv_in and every down level, equally weighted).",
+                                 "multi (conv_in and every down level, equally weighted). SD3/FLUX: down = the "
+                                 "image tokens after block --ncp-blocks, multi = after each block up to it.",
                          choices=("down", "mid", "multi"))
     checkpoint_encoder: bool = option(False, "NCP: recompute the policy's encoder pass in backward (less memory).")
     ncp_precision: str = option("auto", "NCP: how the nearly equal encoder inputs are compared. scaled: each input "
