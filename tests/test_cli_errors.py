@@ -171,7 +171,7 @@ def test_checkpoint_failures(capsys, train_argv, tmp_path, monkeypatch):
           "does not fit this run's LoRA", "LoRA keys missing")
     # without --resume-anyway the changed LoRA shape is named before anything loads
     fails(capsys, train_argv("--resume", "latest", "--lora-rank", "8", "--max-steps", "2"),
-          "saved by another run (lora_rank 4 there, 8 now)")
+          "saved by another run (lora_rank 4 there, 8 now; lora_alpha 4 there, 8 now)")
 
     lora = good / ckpt.LORA_FILE
     lora.write_bytes(lora.read_bytes()[:-10])
