@@ -149,6 +149,8 @@ def test_full_finetune_of_a_transformer_saves_it_and_sample_loads_it(tiny_sd3_no
     result = train(make_config(tiny_sd3_no_t5_path, pairs_parquet, tmp_path / "full", finetune="full", max_steps=1,
                                space="ncp", beta=1e6, ncp_blocks=1))
     assert result.weights_path == tmp_path / "full" / "transformer"
+    card = (tmp_path / "full" / "README.md").read_text()  # the model card of a DiT full fine-tune
+    assert card.startswith("---\nlibrary_name: diffusers") and "- ncppo" in card
     tuned = SD3Transformer2DModel.from_pretrained(result.weights_path)
     base = SD3Transformer2DModel.from_pretrained(tiny_sd3_no_t5_path, subfolder="transformer")
     assert max((a - b).abs().max().item() for a, b in zip(tuned.parameters(), base.parameters())) > 0

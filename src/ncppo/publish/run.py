@@ -1,6 +1,6 @@
 """A training run read back for publishing: its weights, resolved config and counts.
 
-RUN is a training output folder (`pytorch_lora_weights.safetensors` or `unet/`, `manifest.json`)
+RUN is a training output folder (`pytorch_lora_weights.safetensors`, or `unet/` / `transformer/`, `manifest.json`)
 or one of its `checkpoint-<step>/` folders (`lora_adapter.safetensors` in peft keys and
 `trainer_state.json`; the config comes from the output folder's `manifest.json` when the run got
 that far). The LoRA is held in peft keys (`<module>.lora_A.weight`, `<module>.lora_B.weight`),
@@ -38,7 +38,7 @@ class TrainedRun:
     manifest: dict[str, Any] | None = None
     lora: dict[str, torch.Tensor] | None = None  # peft keys; None for a full fine-tune
     alpha: float | None = None
-    full_unet: Path | None = None  # a full fine-tune's saved U-Net folder
+    full_unet: Path | None = None  # a full fine-tune's saved denoiser folder (unet/ or transformer/)
     checkpoint: bool = False
 
     @property
@@ -77,6 +77,8 @@ class TrainedRun:
 
         sched = _base_file(self, lambda: DDPMScheduler.load_config(
             self.model, subfolder="scheduler", revision=self.config.get("revision")), "scheduler/scheduler_config.json")
+        if "FlowMatch" in str(sched.get("_class_name", "")):
+            return "flow"  # rectified flow (SD3, FLUX): the denoiser predicts the velocity
         return sched.get("prediction_type", "epsilon")
 
     @property
@@ -131,11 +133,11 @@ def load_run(path: str | Path, *, model: str | None = None, lora_alpha: float | 
         step = (manifest or {}).get("steps")
         if (path / WEIGHTS_FILE).is_file():
             lora = path / WEIGHTS_FILE  # read below, once the family names the component prefix
-        elif (path / "unet" / "config.json").is_file():
-            full_unet = path / "unet"
-        else:
-            raise MissingInputError(f"RUN {path}: neither a training output ({WEIGHTS_FILE} or unet/) nor a "
-                                    f"checkpoint folder ({STATE_FILE})")
+        else:  # a full fine-tune: the U-Net's or the DiT's folder
+            full_unet = next((path / d for d in ("unet", "transformer") if (path / d / "config.json").is_file()), None)
+            if full_unet is None:
+                raise MissingInputError(f"RUN {path}: neither a training output ({WEIGHTS_FILE}, unet/ or "
+                                        f"transformer/) nor a checkpoint folder ({STATE_FILE})")
 
     model = model or config.get("model")
     if not model:
