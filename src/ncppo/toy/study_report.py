@@ -84,10 +84,12 @@ def _pooled(runs: list[dict], base: dict, n_resamples: int) -> dict:
     scores = np.concatenate([r["scores"] for r in runs])
     groups = np.stack([np.repeat(np.arange(len(runs)), len(prompts)), np.tile(prompts, len(runs))], 1)
     wins = np.concatenate([win_values(r["scores"], base["scores"]) for r in runs])
+    diff = scores - np.tile(np.asarray(base["scores"]), len(runs))
     lo, hi = two_stage_bootstrap(scores, groups, n_resamples=n_resamples)
+    dlo, dhi = two_stage_bootstrap(diff, groups, n_resamples=n_resamples)
     wlo, whi = win_rate_interval(wins, groups, n_resamples=n_resamples)
     return dict(seeds=[r["spec"]["seed"] for r in runs], beta=runs[0]["spec"]["beta"], mean=float(scores.mean()),
-                mean_ci=[lo, hi],
+                mean_ci=[lo, hi], diff_vs_base=float(diff.mean()), diff_vs_base_ci=[dlo, dhi],
                 win_vs_base=float(wins.mean()), win_vs_base_ci=[wlo, whi],
                 per_seed=[float(np.mean(r["scores"])) for r in runs])
 
@@ -103,16 +105,20 @@ def head_to_head(a: list[dict], b: list[dict], base: dict, n_resamples: int) -> 
     flat = np.concatenate(wins)
     groups = np.stack([np.repeat(np.arange(len(pairs)), len(prompts)), np.tile(prompts, len(pairs))], 1)
     lo, hi = win_rate_interval(flat, groups, n_resamples=n_resamples)
+    diff = np.concatenate([np.asarray(x["scores"]) - np.asarray(y["scores"]) for x, y in pairs])
+    dlo, dhi = two_stage_bootstrap(diff, groups, n_resamples=n_resamples)
     per_seed = []
     for (x, _), w in zip(pairs, wins):
         slo, shi = win_rate_interval(w, prompts, n_resamples=n_resamples)
         per_seed.append(dict(seed=x["spec"]["seed"], win_rate=float(w.mean()), ci=[slo, shi]))
-    return dict(win_rate=float(flat.mean()), ci=[lo, hi], seeds=len(pairs), images=int(flat.size), per_seed=per_seed)
+    return dict(win_rate=float(flat.mean()), ci=[lo, hi], mean_diff=float(diff.mean()), mean_diff_ci=[dlo, dhi],
+                seeds=len(pairs), images=int(flat.size), per_seed=per_seed)
 
 
-def curves(runs: list[dict], prompts_per_point: list[str] | None, n_resamples: int) -> list[dict]:
-    """Pooled mean held-out score per curve step over training seeds, with a 95% band (training
-    seeds and prompts crossed, then images)."""
+def curves(runs: list[dict], n_resamples: int) -> list[dict]:
+    """Mean held-out score per curve step over training seeds, with a 95% band over the training
+    seeds (the curve images fixed: the band shows how much training runs differ, not how much the
+    prompts do)."""
     steps = sorted({h["step"] for r in runs for h in r.get("curve") or []})
     out = []
     for step in steps:
@@ -120,14 +126,10 @@ def curves(runs: list[dict], prompts_per_point: list[str] | None, n_resamples: i
                    if any(h["step"] == step for h in r.get("curve") or [])]
         if not per_run:
             continue
-        n = len(per_run[0])
-        prompts = _prompt_groups(prompts_per_point) if prompts_per_point and len(prompts_per_point) == n else \
-            np.arange(n)
-        scores = np.concatenate(per_run)
-        groups = np.stack([np.repeat(np.arange(len(per_run)), n), np.tile(prompts, len(per_run))], 1)
-        lo, hi = two_stage_bootstrap(scores, groups, n_resamples=n_resamples)
-        out.append(dict(step=step, mean=float(scores.mean()), low=lo, high=hi, seeds=len(per_run),
-                        per_seed=[float(np.mean(s)) for s in per_run]))
+        per_seed = [float(np.mean(s)) for s in per_run]
+        lo, hi = two_stage_bootstrap(per_seed, n_resamples=n_resamples) if len(per_seed) > 1 else (None, None)
+        out.append(dict(step=step, mean=float(np.mean(per_seed)), low=lo, high=hi, seeds=len(per_run),
+                        per_seed=per_seed))
     return out
 
 
@@ -187,14 +189,11 @@ def summarise(data: dict, n_resamples: int = 10000) -> dict:
     used = data.get("chosen") or {}
     final = {space: [r for r in runs if used.get(space) in (None, r["spec"]["beta"])] for space, runs in final.items()}
     if base and all(final.values()):
-        curve_prompts = [p for p in sorted(set(base["prompts"]), key=base["prompts"].index)]
-        k = len(final["ncp"][0]["curve"][0]["scores"]) // len(curve_prompts) if final["ncp"][0].get("curve") else 0
-        per_point = [p for p in curve_prompts for _ in range(k)]
         s["final"] = dict(
             base_mean=float(np.mean(base["scores"])), images_per_model_and_seed=len(base["scores"]),
             spaces={space: _pooled(runs, base, n_resamples) for space, runs in final.items()},
             ncp_vs_latent=head_to_head(final["ncp"], final["latent"], base, n_resamples),
-            curves={space: curves(runs, per_point, min(n_resamples, 2000)) for space, runs in final.items()},
+            curves={space: curves(runs, min(n_resamples, 4000)) for space, runs in final.items()},
             ncp_steps_to_latent_final=steps_to_reach(final["ncp"], final["latent"]),
             latent_steps_to_ncp_final=steps_to_reach(final["latent"], final["ncp"]),
             seconds_per_run={space: float(np.mean([r.get("seconds", 0) for r in runs])) for space, runs in final.items()})
@@ -330,15 +329,19 @@ def write_study_report(out: Path, data: dict, cfg) -> Path:
                   f"{n_seeds} training seeds per method ({', '.join(str(x) for x in f['spaces']['ncp']['seeds'])}; "
                   f"the grid used seed 0), {f['images_per_model_and_seed']} held-out images per model and seed "
                   f"(6 eval prompts never used for choosing); base mean {f['base_mean']:.3f}.", "",
-                  "| method | normalised beta | mean score [95% CI] | per seed | win vs base [95% CI] |",
-                  "|---|---|---|---|---|"]
+                  "| method | normalised beta | mean score [95% CI] | per seed | score - base [95% CI] | "
+                  "win vs base [95% CI] |", "|---|---|---|---|---|---|"]
         for space, e in f["spaces"].items():
             lines.append(f"| {NAMES[space]} | {e['beta']:g} | {e['mean']:.3f} {_ci(e['mean_ci'], False)} | "
                          + ", ".join(f"{x:.2f}" for x in e["per_seed"])
+                         + f" | {e['diff_vs_base']:+.3f} {_ci(e['diff_vs_base_ci'], False)}"
                          + f" | {_pct(e['win_vs_base'])} {_ci(e['win_vs_base_ci'])} |")
         h = f["ncp_vs_latent"]
-        lines += ["", f"**NCP-DPO vs latent-DPO, head to head, pooled over {h['seeds']} seeds x "
-                      f"{h['images'] // h['seeds']} images: {_pct(h['win_rate'])} {_ci(h['ci'])}.** Per seed: "
+        lines += ["", "(Mean-score intervals include how much the 6 prompts differ; the differences and win rates "
+                      "are paired on the same images.)", "",
+                  f"**NCP-DPO vs latent-DPO, head to head, pooled over {h['seeds']} seeds x "
+                  f"{h['images'] // h['seeds']} images: win rate {_pct(h['win_rate'])} {_ci(h['ci'])}; mean score "
+                  f"difference {h['mean_diff']:+.3f} {_ci(h['mean_diff_ci'], False)}.** Per seed: "
                   + "; ".join(f"seed {p['seed']} {_pct(p['win_rate'])} {_ci(p['ci'])}" for p in h["per_seed"]) + ".",
                   ""]
         for key, a, b in (("ncp_steps_to_latent_final", "NCP-DPO", "latent-DPO"),
@@ -371,7 +374,7 @@ def write_study_report(out: Path, data: dict, cfg) -> Path:
         series = {space: [(p["step"], p["mean"], p["low"], p["high"]) for p in f["curves"][space]]
                   for space in SPACES}
         target = f["ncp_steps_to_latent_final"]["target"] if f.get("ncp_steps_to_latent_final") else None
-        band_plot(series, target, title="held-out judge score, mean over training seeds, 95% band").save(
+        band_plot(series, target, title="held-out judge score, mean of training seeds, 95% band over seeds").save(
             out / "curves.png")
     grid_plot({NAMES[space]: [(r["beta"], r["mean"], r["mean"] + r["diff_ci"][0] - r["diff"],
                                r["mean"] + r["diff_ci"][1] - r["diff"]) for r in rows]
