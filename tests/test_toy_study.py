@@ -103,8 +103,22 @@ def test_all_phases_statistics_and_report(tmp_path):
         assert (tmp_path / "study" / name).is_file()
     assert json.loads((tmp_path / "study" / "results.json").read_text())["summary"]["chosen"]["ncp"] == 30.0
     shipped = json.loads((tmp_path / "study" / "study_summary.json").read_text())  # what the demo ships
-    assert shipped["chosen"] == {"latent": 0.03, "ncp": 30.0} and shipped["ncp_vs_latent"]["win_rate"] == h["win_rate"]
+    assert shipped["chosen"] == shipped["final_beta"] == {"latent": 0.03, "ncp": 30.0}
+    assert shipped["ncp_vs_latent"]["win_rate"] == h["win_rate"]
     assert "NCP-DPO vs latent-DPO" in shipped["headline"] and "CPU" in shipped["headline"]
+
+
+def test_final_numbers_stay_with_the_beta_they_ran_at(tmp_path):
+    """More grid seeds may move the choice after the final phase ran: the summary keeps pooling
+    the final runs at the beta they used, and a new final phase would add runs at the new one."""
+    runner = FakeRunner()
+    data = run_study(_cfg(tmp_path, phases=["grid", "final", "report"], variants=[], objectives=[]), runner)
+    assert data["final_beta"] == {"latent": 0.03, "ncp": 30.0}
+    store = json.loads((tmp_path / "study" / "results.json").read_text())
+    store["chosen"]["latent"] = 0.1  # as if extra seeds had moved it
+    (tmp_path / "study" / "results.json").write_text(json.dumps(store))
+    data = run_study(_cfg(tmp_path, phases=["report"], variants=[], objectives=[]), runner)
+    assert data["summary"]["final"]["spaces"]["latent"]["beta"] == 0.03 and data["summary"]["final_beta"]["latent"] == 0.03
 
 
 def test_later_phases_need_the_grid(tmp_path):

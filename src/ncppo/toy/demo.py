@@ -26,9 +26,10 @@ STUDY_RECORD = Path(__file__).parent / "assets" / "study.json"
 
 
 def study_defaults() -> dict:
-    """The study's chosen normalised betas per space (assets/study.json), or 3.0 where none is shipped
-    (the earlier raw tuning, latent 100 and NCP 1e6, is ~3 in normalised units for both)."""
-    chosen = json.loads(STUDY_RECORD.read_text()).get("chosen", {}) if STUDY_RECORD.is_file() else {}
+    """The normalised betas per space the study's held-out phase ran (assets/study.json), or 3.0
+    where none is shipped (the earlier raw tuning, latent 100 and NCP 1e6, is ~3 normalised)."""
+    record = json.loads(STUDY_RECORD.read_text()) if STUDY_RECORD.is_file() else {}
+    chosen = record.get("final_beta") or record.get("chosen") or {}
     return {space: float(chosen.get(space) or 3.0) for space in SPACES}
 
 

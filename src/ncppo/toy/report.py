@@ -50,8 +50,10 @@ def write_report(path: Path, results: dict, cfg, resolved: dict, study: dict | N
               "![samples: rows base, latent-DPO, NCP-DPO; columns: prompt and seed](samples.png)", ""]
     if study:
         lines += ["## Where the betas come from", "",
-                  f"`ncppo toy study` (docs/study.md): normalised-beta grids per space on the validation prompts "
-                  f"chose latent {study['chosen']['latent']:g} and NCP {study['chosen']['ncp']:g}. "
+                  f"`ncppo toy study` (docs/study.md): normalised-beta grids per space on the validation prompts, "
+                  f"and its held-out comparison over training seeds used latent "
+                  f"{(study.get('final_beta') or study['chosen'])['latent']:g} and NCP "
+                  f"{(study.get('final_beta') or study['chosen'])['ncp']:g}. "
                   + (study.get("headline") or ""), ""]
     else:
         lines += ["No study record shipped (run `ncppo toy study`).", ""]

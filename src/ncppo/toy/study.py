@@ -261,6 +261,7 @@ class Study:
             elif phase in ("final", "variants", "objectives") and None in chosen.values():
                 raise RuntimeError(f"phase {phase} needs the grid phase's chosen betas (run --phases grid first)")
             elif phase == "final":
+                self.store.data["final_beta"] = dict(chosen)
                 for space in SPACES:
                     for seed in range(1, c.seeds + 1):
                         self.run("final", "eval", self.spec(space, chosen[space], seed, curve=True))

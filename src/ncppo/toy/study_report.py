@@ -166,6 +166,17 @@ def _finite(x: float) -> float | None:
     return None if math.isinf(x) else float(x)
 
 
+def final_betas(data: dict) -> dict:
+    """Per space, the beta of the final phase: as recorded, else the one most of its runs used."""
+    used = dict(data.get("final_beta") or {})
+    for space in SPACES:
+        if space not in used:
+            betas = [r["spec"]["beta"] for r in _runs(data, phase="final", space=space)]
+            if betas:
+                used[space] = max(sorted(set(betas)), key=betas.count)
+    return used
+
+
 def summarise(data: dict, n_resamples: int = 10000) -> dict:
     """Everything the report states, from the stored runs."""
     s: dict = {"grids": {}, "objectives": {}, "final": {}, "variants": {}}
@@ -185,9 +196,10 @@ def summarise(data: dict, n_resamples: int = 10000) -> dict:
                                                                   rows.items() if r and common is not None})
     base = data["base"].get("eval")
     final = {space: _runs(data, phase="final", space=space) for space in SPACES}
-    # the runs at the beta the final phase used (data["chosen"]), should a later grid have moved it
-    used = data.get("chosen") or {}
-    final = {space: [r for r in runs if used.get(space) in (None, r["spec"]["beta"])] for space, runs in final.items()}
+    # the runs at the beta the final phase used, should a later grid (more seeds) have moved the choice
+    used = final_betas(data)
+    final = {space: [r for r in runs if r["spec"]["beta"] == used.get(space)] for space, runs in final.items()}
+    s["final_beta"] = used
     if base and all(final.values()):
         s["final"] = dict(
             base_mean=float(np.mean(base["scores"])), images_per_model_and_seed=len(base["scores"]),
@@ -249,7 +261,8 @@ def _device_text(dev: dict) -> str:
 
 def compact(data: dict, s: dict) -> dict:
     """The few numbers the demo ships (assets/study.json): the chosen normalised betas and the headline."""
-    out = dict(chosen=s["chosen"], common_beta=s["common_beta"], common_near_best=s["common_near_best"],
+    out = dict(chosen=s["chosen"], final_beta=s.get("final_beta"), common_beta=s["common_beta"],
+               common_near_best=s["common_near_best"],
                interior=s["interior"], device=_device_text(data.get("device", {})))
     f = s.get("final")
     if f:
