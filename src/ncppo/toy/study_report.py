@@ -192,8 +192,14 @@ def summarise(data: dict, n_resamples: int = 10000) -> dict:
     objectives = sorted({r["spec"]["objective"] for r in data["runs"].values() if r["phase"] == "grid"} - {"dpo"})
     for objective in objectives:
         rows = {space: grid_table(data, space, objective) for space in SPACES}
-        s["objectives"][objective] = dict(rows=rows, near_best={space: _near_best(r, common) for space, r in
-                                                                  rows.items() if r and common is not None})
+        tried = set.intersection(*({r["beta"] for r in v} for v in rows.values() if v)) if any(rows.values()) else set()
+        # the DPO common value, or (if more DPO seeds moved it after these runs) the tried value nearest it
+        checked = min(sorted(tried), key=lambda b: abs(math.log10(b / common))) if tried and common else None
+        s["objectives"][objective] = dict(rows=rows, checked_beta=checked,
+                                          best={space: next((r["beta"] for r in v if r["best"]), None)
+                                                for space, v in rows.items()},
+                                          near_best={space: _near_best(v, checked) for space, v in rows.items()
+                                                     if v and checked is not None})
     base = data["base"].get("eval")
     final = {space: _runs(data, phase="final", space=space) for space in SPACES}
     # the runs at the beta the final phase used, should a later grid (more seeds) have moved the choice
@@ -332,8 +338,11 @@ def write_study_report(out: Path, data: dict, cfg) -> Path:
                                  f" | {r['mean']:.3f} | {r['diff']:+.3f} {_ci(r['diff_ci'], pct=False)} |")
             near = entry["near_best"]
             lines.append("")
-            lines.append(f"{objective}: the common value {s['common_beta']:g} is within noise of the best in "
-                         + ", ".join(f"{NAMES[k]}: {'yes' if v else 'no'}" for k, v in near.items()) + ".")
+            if entry["checked_beta"] is not None:
+                lines.append(f"{objective}: best normalised beta "
+                             + ", ".join(f"{NAMES[k]} {v:g}" for k, v in entry["best"].items() if v is not None)
+                             + f"; {entry['checked_beta']:g} is within noise of the best in "
+                             + ", ".join(f"{NAMES[k]}: {'yes' if v else 'no'}" for k, v in near.items()) + ".")
             lines.append("")
     f = s.get("final")
     if f:
