@@ -192,9 +192,10 @@ def summarise(data: dict, n_resamples: int = 10000) -> dict:
     objectives = sorted({r["spec"]["objective"] for r in data["runs"].values() if r["phase"] == "grid"} - {"dpo"})
     for objective in objectives:
         rows = {space: grid_table(data, space, objective) for space in SPACES}
-        tried = set.intersection(*({r["beta"] for r in v} for v in rows.values() if v)) if any(rows.values()) else set()
-        # the DPO common value, or (if more DPO seeds moved it after these runs) the tried value nearest it
-        checked = min(sorted(tried), key=lambda b: abs(math.log10(b / common))) if tried and common else None
+        tried = sorted(set.intersection(*({r["beta"] for r in v} for v in rows.values() if v))) \
+            if any(rows.values()) else []
+        # the value these runs centred on (the DPO common value when they ran): the middle one tried
+        checked = tried[len(tried) // 2] if tried else None
         s["objectives"][objective] = dict(rows=rows, checked_beta=checked,
                                           best={space: next((r["beta"] for r in v if r["best"]), None)
                                                 for space, v in rows.items()},
@@ -315,6 +316,13 @@ def write_study_report(out: Path, data: dict, cfg) -> Path:
                          f"{_raw(r['effective_beta'])} | {len(r['seeds'])} | {r['mean']:.3f} | {r['diff']:+.3f} "
                          f"{_ci(r['diff_ci'], pct=False)} | {_pct(r['win_vs_base'])} |")
     lines.append("")
+    chosen_rows = {space: next((r for r in rows if r["best"]), None) for space, rows in s["grids"].items()}
+    if all(chosen_rows.values()) and all(r["effective_beta"] for r in chosen_rows.values()):
+        raw = {k: r["effective_beta"] for k, r in chosen_rows.items()}
+        norm = {k: r["beta"] for k, r in chosen_rows.items()}
+        lines.append(f"- The best raw betas differ {max(raw.values()) / min(raw.values()):.3g}x between the spaces "
+                     f"({', '.join(f'{NAMES[k]} {v:.3g}' for k, v in raw.items())}); normalised, "
+                     f"{max(norm.values()) / min(norm.values()):.3g}x.")
     for space, ok in s["interior"].items():
         if s["grids"][space]:
             lines.append(f"- {NAMES[space]}: best normalised beta {s['chosen'][space]:g} "
@@ -327,22 +335,24 @@ def write_study_report(out: Path, data: dict, cfg) -> Path:
     lines.append("")
     if s["objectives"]:
         lines += ["## 2. Does the normalised beta transfer across objectives?", "",
-                  "Other objectives at the common normalised beta x factors, both spaces, same validation images.",
-                  "", "| objective | space | normalised beta | raw beta (effective) | mean score | vs best [95% CI] |",
-                  "|---|---|---|---|---|---|"]
+                  "Other objectives at the DPO common normalised beta (when they ran) x factors, both spaces, training "
+                  f"seed 0, the same validation images (base mean {np.mean(val['scores']):.3f}).",
+                  "", "| objective | space | normalised beta | raw beta (effective) | mean score | vs best [95% CI] | "
+                  "win vs base |", "|---|---|---|---|---|---|---|"]
         for objective, entry in s["objectives"].items():
             for space, rows in entry["rows"].items():
                 for r in rows:
                     mark = " **best**" if r["best"] else ""
-                    lines.append(f"| {objective} | {NAMES[space]}{mark} | {r['beta']:g} | {_raw(r['effective_beta'])}"
-                                 f" | {r['mean']:.3f} | {r['diff']:+.3f} {_ci(r['diff_ci'], pct=False)} |")
+                    lines.append(f"| {objective} | {space}{mark} | {r['beta']:g} | {_raw(r['effective_beta'])}"
+                                 f" | {r['mean']:.3f} | {r['diff']:+.3f} {_ci(r['diff_ci'], pct=False)} | "
+                                 f"{_pct(r['win_vs_base'])} |")
             near = entry["near_best"]
             lines.append("")
             if entry["checked_beta"] is not None:
                 lines.append(f"{objective}: best normalised beta "
-                             + ", ".join(f"{NAMES[k]} {v:g}" for k, v in entry["best"].items() if v is not None)
+                             + ", ".join(f"{k} {v:g}" for k, v in entry["best"].items() if v is not None)
                              + f"; {entry['checked_beta']:g} is within noise of the best in "
-                             + ", ".join(f"{NAMES[k]}: {'yes' if v else 'no'}" for k, v in near.items()) + ".")
+                             + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in near.items()) + ".")
             lines.append("")
     f = s.get("final")
     if f:
