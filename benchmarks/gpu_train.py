@@ -4,7 +4,7 @@ Builds an SD1.5-architecture pipeline from configs (random weights; nothing is d
 128 Pick-a-Pic-schema JPEG pairs at 512 px and a latent cache of them, then runs `ncppo train`
 (subprocesses, LoRA rank 64, 8 pairs a step, bf16) for: latent vs NCP, from images vs from the
 cache, with and without checkpointing (U-Net gradient checkpointing; NCP also its encoder pass), and
-NCP in fp32 (TF32 off) for the step-1 errors. It prints per run s/step (median after warm-up), peak
+NCP in fp32 (TF32 off) for the step-1 errors, and latent and NCP with `--compile --channels-last`. It prints per run s/step (median after warm-up), peak
 GPU memory, MFU against the card's dense bf16 peak (FLOPs of one step counted by torch's
 FlopCounterMode), the step-1 loss / implicit accuracy / reward margin (at LoRA init they must be ln 2,
 0.5 and 0 exactly), then `ncppo.spaces.diagnostics.precision_table` on the same U-Net.
@@ -41,6 +41,10 @@ RUNS = {  # name: (space, data, mixed precision, extra flags)
     "latent / images": ("latent", "images", "bf16", []),
     "ncp / images": ("ncp", "images", "bf16", []),
     "ncp / cache / fp32": ("ncp", "cache", "no", []),
+    # The levers of issue 9 (regional torch.compile, channels_last); inductor compiles at step 1, and
+    # s/step is the median after it. Last, so the runs above are recorded even if these overrun.
+    "latent / cache / compile + cl": ("latent", "cache", "bf16", ["--compile", "--channels-last"]),
+    "ncp / cache / compile + cl": ("ncp", "cache", "bf16", ["--compile", "--channels-last"]),
 }
 
 
@@ -202,22 +206,29 @@ def main(argv=None) -> None:
             step1_policy_err=(first["policy_err_w"] + first["policy_err_l"]) / 2,
             wall_s=time.perf_counter() - run_started)
         print(f"{name}: {json.dumps(results[name])}", flush=True)
+        write_results(out, args, results, [], started)  # a run cut short by the time limit keeps what is done
 
     print_table(results)
     precision_rows = run_precision_table(model, args) if args.precision_timesteps else []
-    (out / "results.json").write_text(json.dumps(dict(
-        device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu", small=small, runs=results,
-        precision=precision_rows, total_s=time.perf_counter() - started), indent=2))
+    write_results(out, args, results, precision_rows, started)
     print(f"\ntotal {time.perf_counter() - started:.0f} s; results in {out / 'results.json'}")
+
+
+def write_results(out: Path, args, results: dict, precision_rows: list, started: float) -> None:
+    (out / "results.json").write_text(json.dumps(dict(
+        device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu", small=args.small, runs=results,
+        precision=precision_rows, total_s=time.perf_counter() - started), indent=2))
 
 
 def print_table(results: dict) -> None:
     base = {"cache": results.get("latent / cache"), "gc": results.get("latent / cache / gc"),
             "images": results.get("latent / images")}
-    print("\n| run | s/step | x latent | FLOP x | peak GiB | mem x | MFU | step-1 loss | acc | margin | step-1 error |")
+    print("\n| run | s/step | x latent (compile: x same space) | FLOP x | peak GiB | mem x | MFU | step-1 loss | acc | margin | step-1 error |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         ref = base["gc"] if "gc" in name else base["images"] if "images" in name else base["cache"]
+        if "compile" in name:  # the lever against the same space without it
+            ref = results.get(name.split(" / ")[0] + " / cache")
         ratio = lambda key: f"{r[key] / ref[key]:.2f}" if ref and r.get(key) and ref.get(key) else "-"  # noqa: E731
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
         print(f"| {name} | {r['sec_per_step']:.3f} | {ratio('sec_per_step')} | {ratio('flops_per_step')} | "

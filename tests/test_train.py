@@ -76,8 +76,10 @@ def test_resume_equals_uninterrupted_run(tiny_sd_path, pairs_parquet, tmp_path):
     common = dict(space="ncp", beta=1e5, max_steps=4, batch_size=1, gradient_accumulation_steps=2)
     full = load_file(train(make_config(tiny_sd_path, pairs_parquet, tmp_path / "full", **common)).weights_path)
 
-    cut = make_config(tiny_sd_path, pairs_parquet, tmp_path / "cut", checkpoint_every=2, **common)
-    cut.max_steps = 2
+    # Cut after step 3, so step 3 is logged, then done again from checkpoint-2.
+    cut = make_config(tiny_sd_path, pairs_parquet, tmp_path / "cut", checkpoint_every=2, report_to="tensorboard",
+                      **common)
+    cut.max_steps = 3
     train(cut)
     assert (tmp_path / "cut" / "checkpoint-2" / "trainer_state.json").is_file()
     cut.max_steps, cut.resume = 4, "latest"
@@ -86,6 +88,16 @@ def test_resume_equals_uninterrupted_run(tiny_sd_path, pairs_parquet, tmp_path):
     assert full.keys() == resumed.keys()
     for k in full:
         torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=0, msg=k)
+    # The logs hold each step once, with the resumed run's values.
+    metrics = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "cut" / "logs" / "ncppo"  # both runs' scalars: one TensorBoard run, two event files
+    assert len(list(run_dir.glob("events.out.tfevents*"))) == 2
+    scalars = EventAccumulator(str(run_dir)).Reload().Scalars("train/loss")
+    assert [s.step for s in scalars] == [1, 2, 3, 4]
+    assert [s.value for s in scalars] == pytest.approx([m["loss"] for m in metrics], rel=1e-6)
 
 
 def test_nonfinite_losses_skip_steps_then_stop_with_checkpoint(tiny_sd_path, pairs_parquet, tmp_path, monkeypatch):

@@ -107,6 +107,16 @@ class TrainConfig:
     mixed_precision: str = option("no", "Autocast precision; frozen weights are stored in it too.",
                               choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = option(False, "Recompute U-Net activations in backward (less memory, ~30% slower).")
+    compile: bool = option(False, "torch.compile the denoiser's repeated blocks in place (regional compilation: the "
+                                  "U-Net's transformer blocks, the DiT's blocks; the NCP encoder pass and the reference "
+                                  "use them too). Compiles at the first step. Policy and reference become different "
+                                  "graphs: at LoRA init their errors agree to rounding, not bit for bit.")
+    compile_backend: str = option("inductor", "torch.compile backend for --compile (inductor; aot_eager checks the "
+                                              "tracing without code generation).")
+    compile_mode: str = option("default", "torch.compile mode for --compile.",
+                               choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+    channels_last: bool = option(False, "Store the denoiser's convolution weights channels-last (faster bf16/fp16 "
+                                        "convolutions on NVIDIA GPUs; values unchanged).")
     seed: int = option(0, "Seed of every random draw (noise, timesteps, data order, augmentation).")
     max_nonfinite: int = option(5, "Stop (with a checkpoint) after this many consecutive non-finite losses/gradients.")
 

@@ -91,6 +91,7 @@ def train(config: TrainConfig) -> TrainResult:
     unet, reference = _trainable_unet(adapter, config, weight_dtype, accelerator.device)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    _speed_levers(config, unet, reference)
     if config.finetune == "lora":
         ckpt.register_lora_hooks(accelerator, unet)
 
@@ -121,7 +122,9 @@ def train(config: TrainConfig) -> TrainResult:
     state["run"] = identity
 
     if accelerator.is_main_process:
-        accelerator.init_trackers("ncppo", config={k: str(v) for k, v in vars(config).items()})
+        # A resumed run redoes the steps after its checkpoint: TensorBoard drops what was logged for them.
+        purge = {"tensorboard": {"purge_step": state["step"] + 1}} if resume_from is not None else {}
+        accelerator.init_trackers("ncppo", config={k: str(v) for k, v in vars(config).items()}, init_kwargs=purge)
     ncp = NCPConfig(timestep_mode=config.timestep_mode, layers=config.ncp_layers,
                     checkpoint_encoder=config.checkpoint_encoder, precision=config.ncp_precision,
                     scale_rms=config.ncp_scale_rms, blocks=config.ncp_blocks)
@@ -271,6 +274,18 @@ def _trainable_unet(adapter, config: TrainConfig, weight_dtype, device):
     reference = adapter.load_denoiser(weight_dtype).to(device)
     unet.to(torch.float32).requires_grad_(True)
     return unet, Reference(reference)
+
+
+def _speed_levers(config: TrainConfig, unet, reference) -> None:
+    """--channels-last and --compile on the trained denoiser (and a full fine-tune's separate reference)."""
+    from .speed import compile_blocks, to_channels_last
+
+    modules = [unet] + ([reference.unet] if reference.unet is not unet else [])
+    for module in modules:
+        if config.channels_last:
+            to_channels_last(module)
+        if config.compile:
+            compile_blocks(module, backend=config.compile_backend, mode=config.compile_mode)
 
 
 def _beta_scale(config: TrainConfig, accelerator, saved: dict | None):
