@@ -167,6 +167,7 @@ def test_identity_differences_and_rewind_logs(tmp_path):
     assert ckpt.identity_differences(saved, now) == ["processes 2 there, 1 now",
                                                      "data_fingerprint 'abc' there, 'abd' now"]
     assert ckpt.identity_differences(None, now) == []  # a checkpoint from before identities were saved
+    assert ckpt.identity_differences({"seed": 0}, {"seed": 1}) == ["seed 0 there, 1 now"]  # another data order
     log = tmp_path / "metrics.jsonl"
     log.write_text("".join(json.dumps({"step": s, "loss": 0.5}) + "\n" for s in (1, 2, 3, 4)) + '{"step": 5, "lo')
     ckpt.rewind_logs(tmp_path, 2)

@@ -225,3 +225,115 @@ def test_shipped_recipe_configs_parse_and_validate(name):
     assert config.mixed_precision == "fp16" and config.scale_lr
     if name.startswith("sd15"):
         assert config.validation_prompts == ["a photo of a cat on a windowsill", "a lighthouse at dusk, oil painting"]
+
+
+@pytest.fixture
+def cpu_grad_scaler(monkeypatch):
+    """What accelerate sets up for --mixed-precision fp16 on a GPU, on the CPU: its GradScaler (a CPU
+    one here) in the same places, so that backward, clipping and the optimizer go through it."""
+    import accelerate
+
+    made = []
+    real_init = accelerate.Accelerator.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        self.native_amp = True
+        self.state._mixed_precision = "fp16"
+        made.append(self.scaler)
+
+    monkeypatch.setattr(accelerate.Accelerator, "__init__", init)
+    return made
+
+
+def test_fp16_grad_scaler_survives_a_skipped_step_and_owns_overflow(tiny_sd_path, pairs_parquet, tmp_path,
+                                                                    monkeypatch, cpu_grad_scaler):
+    import ncppo.train.loop as loop
+
+    real_step, calls = loop.preference_step, []
+
+    def first_nan(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(loop, "preference_step", first_nan)
+    # A NaN loss at step 1: the step is skipped and the scaler told (it used to raise "unscale_() has
+    # already been called" at step 2). Then fp16 autocast overflows the gradients at the first scales
+    # (2^15, 2^14, ... on this model): the scaler's own skips, which lower its scale and are not a
+    # failed run, although they outnumber --max-nonfinite.
+    result = train(make_config(tiny_sd_path, pairs_parquet, tmp_path / "fp16", space="latent", max_steps=6,
+                               max_nonfinite=2))
+    assert result.steps == 6 and result.stopped_early is None
+    manifest = json.loads((tmp_path / "fp16" / "manifest.json").read_text())
+    overflows = manifest["fp16_overflow_skipped"]
+    assert manifest["nonfinite_skipped"] == 1 and 2 <= overflows < 5
+    assert cpu_grad_scaler[-1].get_scale() == 2.0 ** (16 - 1 - overflows)  # halved at every skip
+    lora = load_file(result.weights_path)
+    assert any(lora[k].abs().max() > 0 for k in lora if "lora.up" in k)  # the later steps were applied
+
+
+def test_metric_window_joins_the_collective_when_its_losses_were_not_finite():
+    """Every process calls the reduce (one whose losses were all NaN used to return early and leave the
+    others waiting); the mean is over the processes with a finite loss."""
+    from types import SimpleNamespace
+
+    from ncppo.train.loop import _MetricWindow
+
+    def window(loss):
+        w = _MetricWindow()
+        w.add(SimpleNamespace(loss=torch.tensor(loss), metrics={"acc": torch.tensor(1.0)}))
+        return w
+
+    ranks = [window(0.5), window(float("nan"))]
+    sent = []
+
+    class Recording:
+        num_processes = 2
+
+        def reduce(self, tensor, reduction):
+            sent.append((tensor, reduction))
+            return tensor
+
+    for w in ranks:
+        w.reduce(Recording())
+    assert len(sent) == 2 and {r for _, r in sent} == {"sum"}  # the NaN rank joined the collective
+    total = sent[0][0] + sent[1][0]
+
+    class Summed:  # what the collective returns on both ranks
+        num_processes = 2
+
+        def reduce(self, tensor, reduction):
+            return total
+
+    assert [w.reduce(Summed()) for w in ranks] == [{"acc": 1.0, "loss": 0.5}] * 2
+
+
+def test_resume_latest_before_any_checkpoint_starts_over_without_duplicate_logs(tiny_sd_path, pairs_parquet,
+                                                                                 tmp_path):
+    config = make_config(tiny_sd_path, pairs_parquet, tmp_path / "run", space="latent", max_steps=2)
+    train(config)  # as if killed after step 2, before a first checkpoint
+    config.resume = "latest"
+    train(config)
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+
+
+def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(tiny_sd_path, pairs_parquet, tmp_path, capsys):
+    out = tmp_path / "run"
+    config = make_config(tiny_sd_path, pairs_parquet, out, space="latent", max_steps=3, checkpoint_every=1)
+    train(config)
+    config.resume = str(out / "checkpoint-1")
+    config.max_steps = 2
+    train(config)
+    assert "newer checkpoints set aside as abandoned-checkpoint-2, abandoned-checkpoint-3" in capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("*checkpoint-*")) == ["abandoned-checkpoint-2", "abandoned-checkpoint-3",
+                                                                 "checkpoint-1", "checkpoint-2"]
+    config.resume, config.max_steps = "latest", 3
+    train(config)
+    assert "resumed from" in capsys.readouterr().out and (out / "checkpoint-3").is_dir()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]

@@ -42,7 +42,7 @@ TEST_FAULT_ENV = "NCPPO_TEST_FAULT"
 # What makes a checkpoint belong to a run: resuming with any of these changed is refused
 # (unless --resume-anyway), because the data order, the optimizer state or the weights would not fit.
 IDENTITY_KEYS = ("model", "vae", "revision", "variant", "finetune", "lora_rank", "lora_alpha", "lora_targets",
-                 "batch_size", "gradient_accumulation_steps", "processes", "data_fingerprint", "pairs")
+                 "batch_size", "gradient_accumulation_steps", "processes", "data_fingerprint", "pairs", "seed")
 
 
 def warn(message: str) -> None:
@@ -162,6 +162,25 @@ def clean_stale(output_dir: str | Path) -> list[Path]:
 def _step_of(path: Path) -> int | None:
     match = re.fullmatch(rf"{PREFIX}(\d+)", path.name)
     return int(match.group(1)) if match and path.is_dir() else None
+
+
+def set_aside_newer(output_dir: str | Path, step: int) -> list[Path]:
+    """Rename the checkpoints of `output_dir` newer than `step` to `abandoned-checkpoint-N`, so that
+    a later `--resume latest` continues this run, not the branch it was resumed away from. Main
+    process only; returns the new names."""
+    moved = []
+    for path in list_checkpoints(output_dir, complete_only=False):
+        if _step_of(path) > step:
+            target = path.with_name(f"abandoned-{path.name}")
+            n = 1
+            while target.exists():
+                target, n = path.with_name(f"abandoned-{n}-{path.name}"), n + 1
+            os.replace(path, target)
+            moved.append(target)
+    if moved:
+        fsync_dir(Path(output_dir))
+        warn(f"resumed at step {step}: newer checkpoints set aside as {', '.join(p.name for p in moved)}")
+    return moved
 
 
 def list_checkpoints(output_dir: str | Path, *, complete_only: bool = True) -> list[Path]:
@@ -373,7 +392,7 @@ def find_resume(accelerator, output_dir: str | Path, resume: str | None, identit
     `resume`: None (nothing: []), "latest" (every checkpoint folder in `output_dir`; the newest
     ones that are incomplete or corrupt are skipped with a warning naming them; a one-line note
     and [] if there is none) or a checkpoint folder (which must verify). A checkpoint of a run
-    with another identity (batch size, accumulation, processes, data, model, LoRA shape) is
+    with another identity (batch size, accumulation, processes, data, model, LoRA shape, seed) is
     refused unless `anyway`. Cheap to call before the models load; `load_resume` loads.
     """
     if not resume:

@@ -118,7 +118,8 @@ class TrainConfig:
     channels_last: bool = option(False, "Store the denoiser's convolution weights channels-last (faster bf16/fp16 "
                                         "convolutions on NVIDIA GPUs; values unchanged).")
     seed: int = option(0, "Seed of every random draw (noise, timesteps, data order, augmentation).")
-    max_nonfinite: int = option(5, "Stop (with a checkpoint) after this many consecutive non-finite losses/gradients.")
+    max_nonfinite: int = option(5, "Stop (with a checkpoint) after this many consecutive non-finite losses/gradients "
+                                   "(with fp16, overflowing gradients are the GradScaler's to skip and do not count).")
 
     # --- outputs -------------------------------------------------------------------------------
     checkpoint_every: int = option(500, "Save a resumable checkpoint every N steps; 0 disables.")
@@ -126,7 +127,7 @@ class TrainConfig:
     resume: str | None = option(None, "Resume from 'latest' (the newest intact checkpoint in --output-dir; none yet: "
                                   "start at step 0) or a checkpoint folder.")
     resume_anyway: bool = option(False, "Resume even if the checkpoint's batch size, accumulation, process count, "
-                                        "data fingerprint, model or LoRA shape differ from this run's (named in the error).")
+                                        "data fingerprint, model, LoRA shape or seed differ from this run's (named in the error).")
     log_every: int = option(10, "Log averaged metrics every N steps.")
     report_to: str = option("tensorboard", "Metric tracker.", choices=("tensorboard", "wandb", "none"))
     validation_prompts: list[str] = option([], "Prompts drawn every --validation-every steps (PNG grid + TensorBoard); the flag "

@@ -111,20 +111,24 @@ def train(config: TrainConfig) -> TrainResult:
         reference.unet = accelerator.unwrap_model(unet)
 
     # 5. Resume: weights, optimizer, schedule and RNG from the checkpoint; data position from the step.
-    state = {"step": 0, "micro_steps": 0, "nonfinite_skipped": 0, "skipped_rows": [], "eval_history": []}
+    state = {"step": 0, "micro_steps": 0, "nonfinite_skipped": 0, "fp16_overflow_skipped": 0, "skipped_rows": [],
+             "eval_history": []}
     resume_from, saved = ckpt.load_resume(accelerator, resume_candidates, config.resume, identity, config.resume_anyway)
     if resume_from is not None:
         state.update(saved)
-        if accelerator.is_main_process:
-            ckpt.rewind_logs(out, state["step"])  # the steps after the checkpoint are done again
-        accelerator.wait_for_everyone()
         accelerator.print(f"resumed from {resume_from} at step {state['step']}")
     state["run"] = identity
 
     if accelerator.is_main_process:
-        # A resumed run redoes the steps after its checkpoint: TensorBoard drops what was logged for them.
-        purge = {"tensorboard": {"purge_step": state["step"] + 1}} if resume_from is not None else {}
+        # The steps after the checkpoint (all of them when starting at step 0, e.g. killed before the
+        # first checkpoint) are done again: drop what an earlier attempt logged for them, in
+        # metrics*.jsonl and in TensorBoard.
+        ckpt.rewind_logs(out, state["step"])
+        if resume_from is not None and config.resume != "latest":
+            ckpt.set_aside_newer(out, state["step"])  # an explicit older checkpoint starts a new branch
+        purge = {"tensorboard": {"purge_step": state["step"] + 1}}
         accelerator.init_trackers("ncppo", config={k: str(v) for k, v in vars(config).items()}, init_kwargs=purge)
+    accelerator.wait_for_everyone()
     ncp = NCPConfig(timestep_mode=config.timestep_mode, layers=config.ncp_layers,
                     checkpoint_encoder=config.checkpoint_encoder, precision=config.ncp_precision,
                     scale_rms=config.ncp_scale_rms, blocks=config.ncp_blocks)
@@ -167,14 +171,9 @@ def train(config: TrainConfig) -> TrainResult:
                 window.add(out_step)
                 step_ok = True
                 if accelerator.sync_gradients:
-                    finite = window.all_finite()
-                    if config.max_grad_norm > 0:
-                        norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                        finite = finite & torch.isfinite(torch.as_tensor(norm, device=finite.device))
-                    step_ok = _all_processes(accelerator, finite)  # the one host sync of an optimizer step
-                    if step_ok:
-                        optimizer.step()
-                        lr_scheduler.step()
+                    step_ok = _optimizer_step(accelerator, config, params, optimizer, lr_scheduler, window.all_finite())
+                    if step_ok and getattr(optimizer, "step_was_skipped", False):
+                        state["fp16_overflow_skipped"] += 1  # the GradScaler's own skip; it lowered its scale
                     optimizer.zero_grad(set_to_none=True)
             state["micro_steps"] += 1
             if not accelerator.sync_gradients:
@@ -232,6 +231,7 @@ def train(config: TrainConfig) -> TrainResult:
         write_manifest(out / "manifest.json", command="train", config=config, seed=config.seed,
                        processes=world, steps=state["step"], stopped_early=stopped,
                        data=describe(dataset, config), nonfinite_skipped=state["nonfinite_skipped"],
+                       fp16_overflow_skipped=state["fp16_overflow_skipped"],
                        skipped_rows={"count": len(skipped), "rows": skipped[:1000]},
                        final_metrics=state.get("last_metrics", {}), eval_history=state["eval_history"],
                        weights=str(weights_path), beta_normalization=_beta_record(config, beta_scale),
@@ -332,6 +332,27 @@ def _step_generator(seed: int, micro: int, rank: int, device) -> torch.Generator
     return g
 
 
+def _optimizer_step(accelerator, config: TrainConfig, params, optimizer, lr_scheduler, finite: torch.Tensor) -> bool:
+    """Clip, then step unless a loss (or, without fp16's GradScaler, the gradient norm) was not finite
+    on some process; returns whether the step was taken. With fp16 the GradScaler owns overflow: inf
+    gradients make it skip the step and lower its scale, which is not a failure of the run. A step
+    skipped here is still reported to it (update()), or its next unscale would raise."""
+    scaler = accelerator.scaler
+    if config.max_grad_norm > 0:
+        norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+        if scaler is None:
+            finite = finite & torch.isfinite(torch.as_tensor(norm, device=finite.device))
+    ok = _all_processes(accelerator, finite)  # the one host sync of an optimizer step
+    if ok:
+        optimizer.step()  # fp16: the scaler may still skip it (overflow)
+        lr_scheduler.step()  # accelerate's scheduler skips with it
+    elif scaler is not None:
+        if config.max_grad_norm <= 0:
+            accelerator.unscale_gradients()  # update() needs the inf check that unscaling records
+        scaler.update()
+    return ok
+
+
 def _all_processes(accelerator, flag: torch.Tensor) -> bool:
     """True only if the boolean tensor `flag` is True on every process (so all skip a bad step together)."""
     if accelerator.num_processes == 1:
@@ -369,12 +390,20 @@ class _MetricWindow:
         self.sums = self.count = self.finite = None
 
     def reduce(self, accelerator) -> dict[str, float]:
-        if self.sums is None or not float(self.count) > 0:
+        """Per-process means, averaged over the processes that had a finite loss. Every process takes
+        part in the collective, also one whose losses were all non-finite (else the others hang)."""
+        if self.sums is None:  # the same on every process: they run the same number of micro-steps
             return {}
-        local = self.sums / self.count
-        self.last_local = dict(zip(self.keys, local.tolist()))
-        merged = accelerator.reduce(local, reduction="mean") if accelerator.num_processes > 1 else local
-        return dict(zip(self.keys, merged.tolist()))
+        has = (self.count > 0).double()
+        local = self.sums / self.count.clamp(min=1)
+        if bool(has):
+            self.last_local = dict(zip(self.keys, local.tolist()))
+        packed = torch.cat([local * has, has.reshape(1)])
+        if accelerator.num_processes > 1:
+            packed = accelerator.reduce(packed, reduction="sum")
+        if not float(packed[-1]) > 0:
+            return {}
+        return dict(zip(self.keys, (packed[:-1] / packed[-1]).tolist()))
 
 
 def _logs_at(config: TrainConfig, step: int) -> bool:

@@ -91,5 +91,5 @@ def preference_step(adapter: ModelAdapter, policy: torch.nn.Module, reference: R
     out = preference_loss(policy_err, reference_err, objective=objective, beta=beta, cpo_lambda=cpo_lambda,
                           orpo_lambda=orpo_lambda)
     if beta_scale is not None:
-        out.metrics["beta_effective"] = torch.tensor(beta)
+        out.metrics["beta_effective"] = torch.as_tensor(beta, dtype=torch.float32, device=out.loss.device).detach()
     return out
