@@ -184,3 +184,10 @@ def test_debug_shows_the_traceback(train_argv, tmp_path):
         main(["--debug", *train_argv(model=tmp_path / "nope")])
     with pytest.raises(InputError, match="no such folder"):
         main([*train_argv(model=tmp_path / "nope"), "--debug"])
+
+
+def test_an_os_error_the_command_did_not_name_is_one_line_too(capsys, pairs_parquet, tmp_path):
+    """A folder where the report file must go: the OSError's own words, one line, exit 2."""
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    fails(capsys, ["data", "check", str(pairs_parquet), "--json", str(taken)], str(taken))

@@ -2,7 +2,8 @@
 `commands.py` module (`register(subparsers)`), which parses, validates and calls the library.
 
 Expected failures (`ncppo.errors.NcppoError`, `ConfigError`: a bad flag, file, row or column, a
-full disk, a checkpoint of another run) print one line, `ncppo <command>: error: <message>`, and
+full disk, a checkpoint of another run; and any `OSError` the commands did not name more precisely:
+a file where a folder must go, no permission, a missing file) print one line, `ncppo <command>: error: <message>`, and
 exit with code 2; `--debug` (anywhere on the command line) shows the traceback instead.
 Anything else is a bug and keeps its traceback."""
 
@@ -17,7 +18,7 @@ from . import __version__
 from .configs import ConfigError
 from .errors import NcppoError
 
-EXPECTED = (ConfigError, NcppoError)
+EXPECTED = (ConfigError, NcppoError, OSError)
 
 # Feature packages that contribute subcommands, in --help order.
 COMMAND_MODULES = (
