@@ -182,3 +182,41 @@ def test_prompt_sources(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{oops\n')
     with pytest.raises(PromptSourceError, match="bad.jsonl, line 2"):
         read_prompts(tmp_path / "bad.jsonl")
+
+
+def test_fewer_prompts_then_another_list_is_refused_at_the_first_differing_index(tiny_sd_path, tmp_path, capsys):
+    """Run 1: 5 prompts; run 2: --max-prompts 2 (same --out); run 3: another list sharing the first
+    2 prompts must not reuse images 2..4 made for run 1's prompts."""
+    first = tmp_path / "first.txt"
+    first.write_text("p0\np1\np2\np3\np4\n")
+    other = tmp_path / "other.txt"
+    other.write_text("p0\np1\nq2\nq3\nq4\n")
+    out = tmp_path / "s"
+    base = ["sample", "--model", str(tiny_sd_path), "--out", str(out), "--seeds", "0", "--batch-size", "5",
+            "--steps", "1", "--height", "32", "--width", "32"]
+    assert main([*base, "--prompts", str(first)]) == 0
+    assert main([*base, "--prompts", str(first), "--max-prompts", "2"]) == 0
+    manifest = json.loads((out / "sample_manifest.json").read_text())
+    assert len(manifest["prompt_hashes"]) == 5  # merged, never shrunk
+    capsys.readouterr()
+    assert main([*base, "--prompts", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "prompt 2 differs" in err and "'q2'" in err and "Traceback" not in err
+    # the same list again is still accepted, and nothing is regenerated
+    assert main([*base, "--prompts", str(first)]) == 0
+    assert json.loads((out / "sample_manifest.json").read_text())["generated"] == 0
+
+
+def test_prompt_files_with_a_byte_order_mark_or_not_utf8(tmp_path):
+    (tmp_path / "bom.csv").write_text("prompt\na cat\n", encoding="utf-8-sig")
+    assert read_prompts(tmp_path / "bom.csv") == ["a cat"]
+    (tmp_path / "bom.txt").write_text("a cat\n", encoding="utf-8-sig")
+    assert read_prompts(tmp_path / "bom.txt") == ["a cat"]
+    (tmp_path / "bom.jsonl").write_text('{"prompt": "a cat"}\n', encoding="utf-8-sig")
+    assert read_prompts(tmp_path / "bom.jsonl") == ["a cat"]
+    for name in ("latin1.txt", "latin1.csv", "latin1.jsonl", "latin1.json"):
+        body = {"latin1.txt": "caf\xe9\n", "latin1.csv": "prompt\ncaf\xe9\n",
+                "latin1.jsonl": '{"prompt": "caf\xe9"}\n', "latin1.json": '["caf\xe9"]'}[name]
+        (tmp_path / name).write_text(body, encoding="latin-1")
+        with pytest.raises(PromptSourceError, match=rf"{name}: not UTF-8"):
+            read_prompts(tmp_path / name)

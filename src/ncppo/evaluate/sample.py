@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -83,12 +84,12 @@ def read_prompts(source: str | Path, *, column: str | None = None, split: str = 
     path = Path(source)
     suffix = path.suffix.lower()
     if path.is_file() and suffix == ".txt":
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [line.strip() for line in _read_text(path).splitlines() if line.strip()]
     elif path.is_file() and suffix in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
-            col = _pick_column(reader.fieldnames or [], column, path)
-            prompts = [_check_prompt(row.get(col), path, i + 2) for i, row in enumerate(reader)]  # +2: header, 1-based
+        text = _read_text(path)
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        col = _pick_column(reader.fieldnames or [], column, path)
+        prompts = [_check_prompt(row.get(col), path, i + 2) for i, row in enumerate(reader)]  # +2: header, 1-based
     elif path.is_file() and suffix in (".jsonl", ".json"):
         prompts = _read_json_prompts(path, column)
     elif path.is_file() and suffix == ".parquet":
@@ -110,17 +111,25 @@ def read_prompts(source: str | Path, *, column: str | None = None, split: str = 
     return prompts
 
 
+def _read_text(path: Path) -> str:
+    """A prompt file's text: UTF-8, a leading byte-order mark (Excel's "CSV UTF-8") dropped."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise PromptSourceError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+
+
 def _read_json_prompts(path: Path, column: str | None) -> list[str]:
     if path.suffix.lower() == ".json":
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            rows = json.loads(_read_text(path))
         except json.JSONDecodeError as err:
             raise PromptSourceError(f"{path}: not valid JSON ({err})") from None
         if not isinstance(rows, list):
             raise PromptSourceError(f"{path}: expected a JSON list of prompts or of objects")
     else:
         rows = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(_read_text(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -447,6 +456,23 @@ def _check_resume(out: Path, config: SampleConfig, prompts: list[str]) -> None:
                                  f"source gives {prompts[i]!r}; use another --out")
 
 
+def _merged_hashes(out: Path, prompts: list[str]) -> list[str]:
+    """The prompt hashes the manifest keeps: this run's, then those recorded for later indices that
+    still have images (a run with fewer prompts must not forget what the other images were made for)."""
+    hashes = [prompt_hash(p) for p in prompts]
+    try:
+        old = json.loads((out / MANIFEST_FILE).read_text()).get("prompt_hashes") or []
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return hashes
+    with_images = set()
+    for f in (out / IMAGE_DIR).glob("*.png"):
+        head = f.name.split("_", 1)[0]
+        if head.isdigit():
+            with_images.add(int(head))
+    end = max((i + 1 for i in with_images if i < len(old)), default=0)
+    return hashes + list(old[len(hashes):end])
+
+
 def _all_agree(state, ok: bool) -> bool:
     """True only if `ok` on every process (also a barrier), so a refusal on the main process stops all."""
     if state.num_processes == 1:
@@ -474,13 +500,15 @@ def run_sample(config: SampleConfig) -> Path:
     _check_sources(config)
     settings = config.settings()
     error = None
+    hashes = [prompt_hash(p) for p in prompts]
     if state.is_main_process:
         try:
             (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
             _check_resume(out, config, prompts)
+            hashes = _merged_hashes(out, prompts)
             # the settings go down before the first image, so a crashed run is resumed only alike
             write_manifest(out / MANIFEST_FILE, command="sample", config=config, settings=settings,
-                           prompt_hashes=[prompt_hash(p) for p in prompts], status="running",
+                           prompt_hashes=hashes, status="running",
                            num_prompts=len(prompts), num_images=len(prompts) * len(config.seeds))
         except (OSError, InputError) as err:
             error = err
@@ -518,7 +546,7 @@ def run_sample(config: SampleConfig) -> Path:
                      settings=settings) for i, s in items]
         atomic_write_text(out / INDEX_FILE, "".join(json.dumps(r) + "\n" for r in rows))
         write_manifest(out / MANIFEST_FILE, command="sample", config=config, **dict(
-            settings=settings, prompt_hashes=[prompt_hash(p) for p in prompts], status="complete",
+            settings=settings, prompt_hashes=hashes, status="complete",
             num_prompts=len(prompts), num_images=len(items), generated=len(todo), num_processes=state.num_processes))
     state.wait_for_everyone()
     return out
