@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from ncppo.errors import InputError
 from ncppo.sbs.agreement import krippendorff_alpha, pairwise_agreement
 from ncppo.evaluate.stats import win_rate_interval
 from ncppo.sbs.results import ResultsConfig, majority, summarize
@@ -82,3 +83,21 @@ def test_cli_results_writes_json_and_markdown(tmp_path, capsys):
     write_votes(path, {(3, 0): ("a", None, None)}, a="/x/model-b", b="/x/model-a")
     assert main(["sbs", "results", str(path), "--out", str(tmp_path / "res")]) == 2
     assert "compare different folders" in capsys.readouterr().err
+
+
+def test_reversed_sessions_on_folders_with_one_name_are_refused(tmp_path, capsys):
+    # `serve runs/ncp/samples runs/base/samples` and `serve runs/base/samples runs/ncp/samples`: both
+    # folders are called "samples", but "a" means ncp in one file and base in the other
+    first = write_votes(tmp_path / "v1.jsonl", a="/r/ncp/samples", b="/r/base/samples")
+    second = write_votes(tmp_path / "v2.jsonl", {(5, 0): ("b", "b", None)}, a="/r/base/samples", b="/r/ncp/samples")
+    with pytest.raises(InputError, match="compare different folders: /r/ncp/samples vs /r/base/samples "
+                                         r"\(14 votes\), /r/base/samples vs /r/ncp/samples \(2 votes\); "
+                                         "sessions served A and B in reverse order"):
+        summarize(ResultsConfig(votes=[str(first), str(second)], n_resamples=10))
+    from ncppo.cli import main
+
+    assert main(["sbs", "results", str(first), str(second), "--out", str(tmp_path / "res")]) == 2
+    assert capsys.readouterr().err.startswith("ncppo sbs results: error: the votes compare different folders")
+    # one comparison: the default labels are the shortest path ends that tell the folders apart
+    result = summarize(ResultsConfig(votes=[str(first)], n_resamples=10))
+    assert (result["label_a"], result["label_b"]) == ("ncp/samples", "base/samples")

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..configs import ConfigError, option
+from ..errors import InputError
 from ..evaluate.stats import win_rate_interval
 from .agreement import krippendorff_alpha, pairwise_agreement
 from .items import QUESTIONS
@@ -35,7 +36,8 @@ class ResultsConfig:
     n_resamples: int = option(10000, "bootstrap resamples")
     confidence: float = option(0.95, "interval confidence")
     seed: int = option(0, "bootstrap seed")
-    label_a: str | None = option(None, "name of A in the tables; none = the folder name recorded in the votes")
+    label_a: str | None = option(None, "name of A in the tables; none = the folder name recorded in the votes "
+                                                 "(with its parents when both folders share a name)")
     label_b: str | None = option(None, "name of B in the tables; none = the folder name recorded in the votes")
 
     def validate(self) -> None:
@@ -53,15 +55,32 @@ def majority(winners: list[str]) -> str:
     return top if n > rest[0][1] else "tie"
 
 
+def folder_labels(a: str, b: str) -> tuple[str, str]:
+    """Short names for two folders: their basenames, or as many trailing path parts as tell them
+    apart (runs/ncp/samples vs runs/base/samples -> "ncp/samples", "base/samples")."""
+    pa, pb = Path(a).parts, Path(b).parts
+    for n in range(1, max(len(pa), len(pb)) + 1):
+        la, lb = "/".join(pa[-n:]), "/".join(pb[-n:])
+        if la != lb:
+            return la, lb
+    return a, b
+
+
 def compared_folders(votes: list[dict]) -> tuple[str, str]:
     """The (A, B) folder names the votes were cast on; refuses votes on several pairs of folders
-    (e.g. `serve A B` and `serve B A`, whose "a" would mean different models)."""
-    pairs = Counter((os.path.basename(str(v.get("a", ""))), os.path.basename(str(v.get("b", "")))) for v in votes)
+    (e.g. `serve A B` and `serve B A`, whose "a" would mean different models). Pairs are told apart
+    by the full recorded paths (folders of different runs often share a name such as "samples")."""
+    pairs = Counter((str(v.get("a") or ""), str(v.get("b") or "")) for v in votes)
     if len(pairs) > 1:
         listed = ", ".join(f"{a or '?'} vs {b or '?'} ({n} votes)" for (a, b), n in pairs.most_common())
-        raise ValueError(f"the votes compare different folders: {listed}; give the files of one comparison")
+        reversed_ = any((b, a) in pairs for a, b in pairs)
+        raise InputError(f"the votes compare different folders: {listed}; "
+                         + ("sessions served A and B in reverse order ('a' means a different model in each); "
+                            if reversed_ else "") + "give the files of one comparison")
     a, b = next(iter(pairs), ("", ""))
-    return a or "A", b or "B"
+    if not a or not b:
+        return os.path.basename(a) or "A", os.path.basename(b) or "B"
+    return folder_labels(a, b)
 
 
 def items_by_question(votes: list[dict]) -> dict[str, dict[tuple[int, int], dict]]:
@@ -71,7 +90,7 @@ def items_by_question(votes: list[dict]) -> dict[str, dict[tuple[int, int], dict
         key = (v["prompt_index"], v["seed"])
         entry = table[v["question"]].setdefault(key, dict(prompt=v["prompt"], votes={}))
         if entry["prompt"] != v["prompt"]:
-            raise ValueError(f"prompt {key[0]} seed {key[1]} has two texts in the votes: "
+            raise InputError(f"prompt {key[0]} seed {key[1]} has two texts in the votes: "
                              f"{entry['prompt']!r} and {v['prompt']!r}")
         entry["votes"][v["annotator"]] = v["winner"]
     known = [q for q in QUESTIONS if q in table]
@@ -103,7 +122,7 @@ def summarize(config: ResultsConfig) -> dict:
     """The sbs.json content for the vote files of `config`."""
     read = read_votes(config.votes)
     if not read.votes:
-        raise ValueError(f"{', '.join(config.votes)}: no valid votes")
+        raise InputError(f"{', '.join(config.votes)}: no valid votes")
     folder_a, folder_b = compared_folders(read.votes)
     questions = {q: question_summary(items, n_resamples=config.n_resamples, confidence=config.confidence,
                                      seed=config.seed)
