@@ -235,3 +235,24 @@ def test_dataloader_workers_give_the_same_batches(pairs_parquet):
         loader = DataLoader(ds, batch_size=2, collate_fn=collate_pairs, num_workers=workers)
         runs.append(torch.cat([b["pixel_values"] for b in loader]))
     assert runs[0].shape == (5, 2, 3, 16, 16) and torch.equal(runs[0], runs[1])
+
+
+def test_bom_and_non_utf8_sources_and_jsonl_columns_named_label_something(pairs_csv, tmp_path):
+    text = (pairs_csv / "pairs.csv").read_text()
+    (tmp_path / "bom.csv").write_text(text, encoding="utf-8-sig")  # Excel "CSV UTF-8"
+    table = open_pairs(tmp_path / "bom.csv", image_dir=pairs_csv / "images")
+    assert table.caption_column == "caption" and table.meta(1).caption == "a blue square"
+    (tmp_path / "bom.jsonl").write_text((pairs_csv / "pairs.jsonl").read_text(), encoding="utf-8-sig")
+    assert open_pairs(tmp_path / "bom.jsonl", image_dir=pairs_csv / "images").meta(0).label_0 == 1.0
+    for name, body in (("latin1.csv", "caption,label_0,image_0,image_1\ncaf\xe9,1,a.png,b.png\n"),
+                       ("latin1.jsonl", '{"caption": "caf\xe9", "label_0": 1, "image_0": "a", "image_1": "b"}\n')):
+        (tmp_path / name).write_text(body, encoding="latin-1")
+        with pytest.raises(PairSchemaError, match=rf"{name}: not UTF-8"):
+            open_pairs(tmp_path / name)
+    rows = [json.loads(line) for line in (pairs_csv / "pairs.jsonl").read_text().splitlines()]
+    for r in rows:
+        r["labeler"] = "alice"
+    (tmp_path / "who.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    table = open_pairs(tmp_path / "who.jsonl", image_dir=pairs_csv / "images")
+    assert table._b.column("labeler") == ["alice"] * len(rows)
+    assert table.labels().tolist() == [1.0, 0.0, 0.5, 1.0, 0.0, 1.0]

@@ -33,6 +33,7 @@ from ..errors import InputError, MissingInputError
 VALID_LABELS = (0.0, 0.5, 1.0)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_COLUMNS = ("caption", "prompt")
+LABEL_COLUMNS = ("label_0", "label_1")  # JSONL: parsed as labels; any other column is text
 # (column of image 0, column of image 1, kind) in order of preference
 IMAGE_COLUMN_PAIRS = (("jpg_0", "jpg_1", "value"), ("image_0", "image_1", "value"),
                       ("image_0_uid", "image_1_uid", "uid"))
@@ -238,8 +239,8 @@ class _TableBackend(_Backend):
 def _read_csv(path: Path):
     import pyarrow as pa
 
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
+    with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: a leading BOM (Excel) is dropped
+        reader = csv.DictReader(io.StringIO(_read_utf8(fh, path), newline=""))
         if not reader.fieldnames:
             raise PairSchemaError(f"{path}: empty CSV (no header row)")
         names = [n.strip() for n in reader.fieldnames]
@@ -255,8 +256,8 @@ def _read_jsonl(path: Path):
     import pyarrow as pa
 
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
+    with open(path, encoding="utf-8-sig") as fh:
+        for n, line in enumerate(_read_utf8(fh, path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -271,8 +272,15 @@ def _read_jsonl(path: Path):
     return pa.table({k: pa.array([_json_cell(r.get(k), k) for r in rows]) for k in names})
 
 
+def _read_utf8(fh, path: Path) -> str:
+    try:
+        return fh.read()
+    except UnicodeDecodeError as err:
+        raise PairSchemaError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+
+
 def _json_cell(value, key):
-    if key.startswith("label"):
+    if key in LABEL_COLUMNS:
         return parse_label(value) if value is not None else None
     return None if value is None else str(value)
 
