@@ -82,3 +82,55 @@ def test_export_refuses_votes_on_samples_it_cannot_find(tmp_path, voted, capsys)
         fh.write(json.dumps(line) + "\n")
     assert main(["sbs", "export", str(out), "--out", str(tmp_path / "pairs")]) == 2
     assert "prompt 9 seed 0" in capsys.readouterr().err and not (tmp_path / "pairs" / "pairs.parquet").exists()
+
+
+def test_export_remaps_votes_of_the_reversed_session(tmp_path, voted, capsys):
+    """`serve B A` votes (winner "b" = the first session's A) count for A once the folders are chosen."""
+    out, items = voted
+    dir_a, dir_b = tmp_path / "model-a", tmp_path / "model-b"
+    reversed_log = tmp_path / "votes-reversed.jsonl"
+    session = open_session(ServeConfig(dir_a=str(dir_b), dir_b=str(dir_a), out=str(reversed_log)))
+    for k in range(3):  # dan prefers model-a every time, recorded as winner "b"
+        key = items[k].key
+        session.vote("dan", key, "general", "left" if session.image("dan", key, "left") == items[k].file_a else "right")
+    session.log.close()
+    assert {json.loads(x)["winner"] for x in reversed_log.read_text().splitlines()} == {"b"}
+    # per item, votes of ann, bob, cat (A, B order) then dan: item 0 aab+a, item 1 bbt+a, item 2 abt+a
+    expected = [1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.5, 1.0, 1.0, 0.0, 0.5, 1.0]
+    args = ["sbs", "export", str(out), str(reversed_log), "--format", "jsonl", "--aggregate", "votes"]
+    assert main(args + ["--out", str(tmp_path / "p1"), "--dir-a", str(dir_a), "--dir-b", str(dir_b)]) == 0
+    assert open_pairs(tmp_path / "p1").labels().tolist() == expected
+    first = json.loads((tmp_path / "p1" / "pairs.jsonl").read_text().splitlines()[0])
+    assert (first["model_0"], first["image_0"]) == ("model-a", str(items[0].file_a))
+    # folders chosen the other way round: every label flips
+    assert main(args + ["--out", str(tmp_path / "p2"), "--dir-a", str(dir_b), "--dir-b", str(dir_a)]) == 0
+    assert open_pairs(tmp_path / "p2").labels().tolist() == [1.0 - x for x in expected]
+    # no folders given: the order most votes were cast in (9 votes A B, 3 votes B A)
+    assert main(args + ["--out", str(tmp_path / "p3")]) == 0
+    assert open_pairs(tmp_path / "p3").labels().tolist() == expected
+    # majority per item with dan's vote: item 0 a (3 of 4), item 1 b (2 of 4), item 2 a (2 of 4; a tie without dan)
+    assert main(["sbs", "export", str(out), str(reversed_log), "--out", str(tmp_path / "p4"),
+                 "--dir-a", str(dir_a), "--dir-b", str(dir_b)]) == 0
+    assert open_pairs(tmp_path / "p4").labels().tolist() == [1.0, 0.0, 1.0]
+    capsys.readouterr()
+    # votes on a pair that is neither order of the chosen folders are refused
+    other = tmp_path / "votes-other.jsonl"
+    line = json.loads(out.read_text().splitlines()[0]) | {"a": str(tmp_path / "model-c"), "annotator": "eve"}
+    other.write_text(json.dumps(line) + "\n")
+    assert main(["sbs", "export", str(out), str(other), "--out", str(tmp_path / "p5"),
+                 "--dir-a", str(dir_a), "--dir-b", str(dir_b)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ncppo sbs export: error: 1 vote(s) were cast on {tmp_path / 'model-c'} vs {dir_b}, "
+                          f"which is neither --dir-a {dir_a} --dir-b {dir_b} nor the reverse")
+    assert not (tmp_path / "p5").exists()
+
+
+def test_export_takes_moved_folders_in_the_recorded_order(tmp_path, voted):
+    import shutil
+
+    out, _ = voted
+    shutil.move(tmp_path / "model-a", tmp_path / "moved-a")
+    shutil.move(tmp_path / "model-b", tmp_path / "moved-b")
+    assert main(["sbs", "export", str(out), "--out", str(tmp_path / "p"), "--dir-a", str(tmp_path / "moved-a"),
+                 "--dir-b", str(tmp_path / "moved-b")]) == 0
+    assert open_pairs(tmp_path / "p").labels().tolist() == [1.0, 0.0, 0.5]

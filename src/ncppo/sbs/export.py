@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..configs import ConfigError, option
+from ..errors import InputError
 from .items import QUESTIONS, item_key, load_items
 from .results import VALUE, items_by_question, majority
 from .votes import read_votes
@@ -45,15 +47,47 @@ class ExportConfig:
             raise ConfigError("give at least one vote file")
 
 
-def _folders(votes: list[dict], config: ExportConfig) -> tuple[str, str]:
-    recorded = {(v.get("a"), v.get("b")) for v in votes}
-    if (config.dir_a is None or config.dir_b is None) and len(recorded) != 1:
-        raise ValueError(f"the votes name {len(recorded)} pairs of sample folders; give --dir-a and --dir-b")
-    a, b = next(iter(recorded))
-    a, b = config.dir_a or a, config.dir_b or b
+def _same_folder(recorded, chosen: str) -> bool:
+    if not recorded:
+        return False
+    try:
+        return Path(str(recorded)).expanduser().resolve() == Path(chosen).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return str(recorded) == chosen
+
+
+FLIP = {"a": "b", "b": "a", "tie": "tie"}
+
+
+def _folders(votes: list[dict], config: ExportConfig) -> tuple[str, str, dict[tuple, bool]]:
+    """The A and B sample folders, and for each recorded (a, b) pair of the votes whether its
+    winners are flipped to them (votes of `serve B A` when A is chosen first). A recorded pair is
+    matched by both paths against the chosen folders in either order; when the votes record a single
+    pair, folders that moved (matching neither path) are taken in the recorded order."""
+    recorded = Counter((v.get("a"), v.get("b")) for v in votes)
+    pairs = list(recorded)
+    reverse_of_one = len(pairs) == 2 and pairs[0] == pairs[1][::-1]
+    if config.dir_a is None and config.dir_b is None:
+        if len(pairs) != 1 and not reverse_of_one:
+            raise InputError(f"the votes name {len(pairs)} pairs of sample folders; give --dir-a and --dir-b")
+        a, b = max(pairs, key=lambda p: recorded[p])  # the order most votes were cast in (first on a tie)
+    elif config.dir_a is None or config.dir_b is None:
+        if len(pairs) != 1:
+            raise InputError(f"the votes name {len(pairs)} pairs of sample folders; give both --dir-a and --dir-b")
+        a, b = config.dir_a or pairs[0][0], config.dir_b or pairs[0][1]
+    else:
+        a, b = config.dir_a, config.dir_b
     if not a or not b:
-        raise ValueError("the votes do not record their sample folders; give --dir-a and --dir-b")
-    return a, b
+        raise InputError("the votes do not record their sample folders; give --dir-a and --dir-b")
+    flipped = {}
+    for ra, rb in pairs:
+        same = _same_folder(ra, a) + _same_folder(rb, b)
+        swapped = _same_folder(ra, b) + _same_folder(rb, a)
+        if len(pairs) > 1 and 2 not in (same, swapped):
+            raise InputError(f"{recorded[(ra, rb)]} vote(s) were cast on {ra} vs {rb}, which is neither "
+                             f"--dir-a {a} --dir-b {b} nor the reverse; give the vote files of this comparison")
+        flipped[(ra, rb)] = swapped > same
+    return a, b, flipped
 
 
 def pair_rows(config: ExportConfig) -> tuple[list[dict], dict]:
@@ -61,15 +95,16 @@ def pair_rows(config: ExportConfig) -> tuple[list[dict], dict]:
     read = read_votes(config.votes)
     votes = [v for v in read.votes if v["question"] == config.question]
     if not votes:
-        raise ValueError(f"{', '.join(config.votes)}: no valid votes on question {config.question!r}")
-    dir_a, dir_b = _folders(votes, config)
+        raise InputError(f"{', '.join(config.votes)}: no valid votes on question {config.question!r}")
+    dir_a, dir_b, flipped = _folders(votes, config)
+    votes = [v | {"winner": FLIP[v["winner"]]} if flipped[(v.get("a"), v.get("b"))] else v for v in votes]
     items = {it.key: it for it in load_items(dir_a, dir_b)}
     model_a, model_b = Path(dir_a).resolve().name, Path(dir_b).resolve().name
     rows = []
     for (pi, seed), entry in sorted(items_by_question(votes)[config.question].items()):
         item = items.get(item_key(pi, seed))
         if item is None or item.prompt != entry["prompt"]:
-            raise ValueError(f"prompt {pi} seed {seed} ({entry['prompt']!r}) of the votes is not in {dir_a} and {dir_b}")
+            raise InputError(f"prompt {pi} seed {seed} ({entry['prompt']!r}) of the votes is not in {dir_a} and {dir_b}")
         winners = list(entry["votes"].values())
         labels = [(majority(winners), len(winners))] if config.aggregate == "majority" else [(w, 1) for w in winners]
         for winner, n in labels:
@@ -81,7 +116,7 @@ def pair_rows(config: ExportConfig) -> tuple[list[dict], dict]:
                              model_0=model_a, model_1=model_b, prompt_index=pi, seed=seed,
                              question=config.question, num_votes=n))
     if not rows:
-        raise ValueError("no pairs to export (every item was a tie and --drop-ties is set)")
+        raise InputError("no pairs to export (every item was a tie and --drop-ties is set)")
     counts = dict(pairs=len(rows), votes=len(votes), items=len({(r["prompt_index"], r["seed"]) for r in rows}),
                   ties=sum(r["label_0"] == 0.5 for r in rows), dir_a=dir_a, dir_b=dir_b,
                   bad_vote_lines=len(read.bad), superseded_votes=read.superseded)
