@@ -92,3 +92,33 @@ def test_card_of_a_hub_base_names_it_and_reports_the_effective_beta(tmp_path):
     base.mkdir()
     (base / "README.md").write_text("---\nlicense: creativeml-openrail-m\ntags: [x]\n---\n# base\n")
     assert base_license(str(base)) == "creativeml-openrail-m" and base_license(str(tmp_path)) is None
+
+
+def _full_run(tmp_path, model, family):
+    config = {"model": model, "family": family, "finetune": "full", "objective": "dpo", "space": "ncp", "beta": 1000.0}
+    sub = "unet" if family in ("sd", "sdxl") else "transformer"
+    return TrainedRun(path=tmp_path, output_dir=tmp_path / "run", model=model, family=family, step=10, config=config,
+                      manifest={"config": config}, full_unet=tmp_path / "run" / sub)
+
+
+def test_card_of_a_full_fine_tune_names_the_saved_denoiser_and_the_family_sampling(tmp_path):
+    cases = [("black-forest-labs/FLUX.1-dev", "flux", "transformer", "FluxTransformer2DModel", 28, 3.5, "bfloat16"),
+             ("stabilityai/stable-diffusion-3.5-medium", "sd3", "transformer", "SD3Transformer2DModel", 28, 4.5,
+              "bfloat16"),
+             ("stabilityai/stable-diffusion-3-medium-diffusers", "sd3", "transformer", "SD3Transformer2DModel", 28,
+              7.0, "bfloat16"),
+             ("stabilityai/stable-diffusion-xl-base-1.0", "sdxl", "U-Net", "UNet2DConditionModel", 50, 7.5, "float16")]
+    for model, family, name, cls, steps, guidance, dtype in cases:
+        text = render_card(_full_run(tmp_path, model, family), kind="full")
+        sub = "unet" if name == "U-Net" else "transformer"
+        assert f"# run: NCP-DPO fine-tuned {name} for {model}\n" in text
+        assert f"from diffusers import DiffusionPipeline, {cls}\n" in text
+        assert (f'{sub} = {cls}.from_pretrained("PATH_OR_REPO_OF_THIS_FOLDER", subfolder="{sub}", '
+                f'torch_dtype=torch.{dtype})\npipe = DiffusionPipeline.from_pretrained("{model}", {sub}={sub}, ') in text
+        assert f"The fine-tuned {name} ({cls}) in `{sub}/`" in text
+        assert f"num_inference_steps={steps}, guidance_scale={guidance})" in text
+        if family in ("flux", "sd3"):
+            assert "U-Net" not in text.split("## Method")[0] + text.split("## How to use")[1].split("## Limitations")[0]
+            assert "UNet2DConditionModel" not in text
+    lora = render_card(_full_run(tmp_path, "black-forest-labs/FLUX.1-dev", "flux"), kind="lora")
+    assert "guidance_scale=3.5" in lora and "guidance_scale=7.5" not in lora

@@ -189,7 +189,8 @@ def _denoiser(run: TrainedRun) -> str:
 
 
 def _title(run: TrainedRun, kind: str) -> str:
-    what = {"merged": "pipeline", "full": "fine-tuned U-Net", "kohya": "LoRA (kohya format)"}.get(kind, "LoRA")
+    what = {"merged": "pipeline", "full": f"fine-tuned {_denoiser(run)}",
+            "kohya": "LoRA (kohya format)"}.get(kind, "LoRA")
     step = f" at step {run.step}" if run.checkpoint else ""
     return (f"# {run.output_dir.name}{step}: {_method_name(run)} {what} for {run.model}\n\n"
             f"Preference-aligned {run.family.upper()} weights trained with [ncppo](#method) "
@@ -351,27 +352,43 @@ def _evaluation(run: TrainedRun, evals) -> str:
     return "## Evaluation\n\n" + "\n\n".join(parts)
 
 
+def sampling_defaults(run: TrainedRun) -> tuple[int, float]:
+    """(steps, guidance scale) for the card's snippet: the family's usual values, as its diffusers
+    pipeline's defaults or the base model's own card (FLUX.1-dev 28 / 3.5, SD3 Medium 28 / 7.0,
+    SD3.5 28 / 4.5 as in Stability's SD3.5 cards; SD/SDXL 50 / 7.5)."""
+    if run.family == "flux":
+        return 28, 3.5
+    if run.family == "sd3":
+        return (28, 4.5) if "3.5" in run.model or "3-5" in run.model else (28, 7.0)
+    return 50, 7.5
+
+
 def _usage(run: TrainedRun, kind: str, weights_name: str | None) -> str:
     base = run.model
+    dtype = "bfloat16" if run.adapter_class.lora_component == "transformer" else "float16"  # FLUX/SD3 run in bf16
     head = "## How to use\n\n"
-    pipe = f'pipe = DiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")'
+    pipe = f'pipe = DiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.{dtype}).to("cuda")'
     if kind == "merged":
         code = ('pipe = DiffusionPipeline.from_pretrained("PATH_OR_REPO_OF_THIS_FOLDER", '
-                'torch_dtype=torch.float16).to("cuda")')
+                f'torch_dtype=torch.{dtype}).to("cuda")')
         text = "A whole pipeline with the trained weights merged in (no LoRA to load):"
     elif kind == "full":
-        code = (f'unet = UNet2DConditionModel.from_pretrained("PATH_OR_REPO_OF_THIS_FOLDER", subfolder="unet", '
-                f'torch_dtype=torch.float16)\npipe = DiffusionPipeline.from_pretrained("{base}", unet=unet, '
-                'torch_dtype=torch.float16).to("cuda")')
-        text = "The fine-tuned U-Net in `unet/`, with the base pipeline's other components:"
+        sub, cls = run.adapter_class.lora_component, run.adapter_class.denoiser_class_name
+        code = (f'{sub} = {cls}.from_pretrained("PATH_OR_REPO_OF_THIS_FOLDER", subfolder="{sub}", '
+                f'torch_dtype=torch.{dtype})\npipe = DiffusionPipeline.from_pretrained("{base}", {sub}={sub}, '
+                f'torch_dtype=torch.{dtype}).to("cuda")')
+        text = f"The fine-tuned {_denoiser(run)} ({cls}) in `{sub}/`, with the base pipeline's other components:"
     else:
         name = weights_name or WEIGHTS_FILE
         code = f'{pipe}\npipe.load_lora_weights("PATH_OR_REPO_OF_THIS_FOLDER", weight_name="{name}")'
         text = ("With diffusers (the kohya file loads through diffusers' kohya converter):" if kind == "kohya"
                 else "With diffusers:")
-    imports = "from diffusers import DiffusionPipeline" + (", UNet2DConditionModel" if kind == "full" else "")
+    imports = "from diffusers import DiffusionPipeline" + (
+        f", {run.adapter_class.denoiser_class_name}" if kind == "full" else "")
+    steps, guidance = sampling_defaults(run)
     snippet = (f"```python\nimport torch\n{imports}\n\n{code}\n"
-               'image = pipe("a lighthouse at dusk", num_inference_steps=50, guidance_scale=7.5).images[0]\n```')
+               f'image = pipe("a lighthouse at dusk", num_inference_steps={steps}, guidance_scale={guidance}).images[0]'
+               "\n```")
     parts = [head + text + "\n\n" + snippet]
     if kind in ("lora", "kohya") and "kohya" in run.adapter_class.export_formats:
         get = ("" if kind == "kohya" else
