@@ -164,3 +164,15 @@ def test_two_processes_each_encode_a_slice_and_match_one_process(tiny_sd_path, p
     for i in range(5):
         assert one[i]["row"] == two[i]["row"]
         assert torch.allclose(one[i]["latents"], two[i]["latents"], atol=1e-6, rtol=0)
+
+
+def test_out_inside_the_source_or_the_model_is_refused(tiny_sd_path, pairs_parquet, capsys):
+    from test_cli_errors import fails
+
+    before = sorted(p.name for p in tiny_sd_path.rglob("*"))
+    # (no --overwrite: the old code would have failed safely on the first, and deleted nothing)
+    fails(capsys, ["data", "cache", str(pairs_parquet), "--model", str(tiny_sd_path), "--out",
+                   str(tiny_sd_path / "unet")], f"--out {tiny_sd_path / 'unet'} lies inside --model")
+    fails(capsys, ["data", "cache", str(pairs_parquet), "--model", str(tiny_sd_path), "--out",
+                   str(pairs_parquet / "c")], "lies inside the source")
+    assert sorted(p.name for p in tiny_sd_path.rglob("*")) == before and pairs_parquet.exists()

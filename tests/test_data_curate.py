@@ -159,3 +159,72 @@ def test_cli_curate_from_a_save_to_disk_folder(pair_rows, tmp_path):
         r["caption"] for r in pair_rows if r["label_0"] != 0.5]
     rec = table.load(1)
     assert rec.image_0.tobytes() == Image.open(io.BytesIO(pair_rows[1]["jpg_0"])).convert("RGB").tobytes()
+
+
+def _png(color) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_missing_files_null_images_and_blank_label_1_are_skipped_counted_and_named(pairs_csv, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "csv"
+    shutil.copytree(pairs_csv, folder)
+    (folder / "images" / "img3a.png").unlink()
+    for rule in ("drop-ties", "none", "absolute-winners"):
+        stats = curate(folder / "pairs.csv", tmp_path / f"out-{rule}", rule=rule, progress=False)
+        assert stats["bad_rows"] == 1 and stats["bad_row_examples"][0]["row"] == 3, stats
+        assert "image 0 file 'img3a' not found" in stats["bad_row_examples"][0]["detail"]
+        assert stats["rows_before"] == 6
+    assert stats["valid_rows_before"] == 5
+    assert curate(folder / "pairs.csv", tmp_path / "o2", rule="drop-ties", progress=False)["rows_after"] == 4
+    # a blank label_1 (CSV) is a bad row too
+    for name, color in (("a", "red"), ("b", "blue"), ("c", "green")):
+        (tmp_path / f"{name}.png").write_bytes(_png(color))
+    (tmp_path / "l1.csv").write_text("caption,label_0,label_1,image_0,image_1\nx,1,,a.png,b.png\ny,0,1,b.png,c.png\n")
+    stats = curate(tmp_path / "l1.csv", tmp_path / "o3", rule="none", progress=False)
+    assert stats["rows_after"] == 1 and stats["bad_rows"] == 1
+    assert stats["bad_row_examples"] == [{"row": 0, "detail": "label_1 '' is not 0, 0.5 or 1"}]
+    # a null image in a bytes source without uids: its identity cannot be taken
+    rows = [{"caption": "p", "jpg_0": _png("red"), "jpg_1": None, "label_0": 1.0},
+            {"caption": "p", "jpg_0": _png("red"), "jpg_1": _png("blue"), "label_0": 1.0}]
+    kept, stats = curate_rows(rows)
+    assert len(kept) == 1 and stats["bad_rows"] == 1 and stats["bad_row_examples"][0]["row"] == 0
+    assert "image 1 is missing" in stats["bad_row_examples"][0]["detail"]
+    # --rule none without --dedupe needs no identity: the row passes through untouched
+    kept, stats = curate_rows(rows, rule="none")
+    assert len(kept) == 2 and stats["bad_rows"] == 0 and stats["images"] is None
+
+
+def test_null_image_of_a_synthesized_pair_is_skipped_and_counted():
+    # with uids, identity needs no bytes. p: b > a, c > b -> c absolute; add-losers-of-loser would
+    # synthesize (c, a), but a's image is null
+    rows = [{"caption": "p", "jpg_0": None, "jpg_1": _png("blue"), "image_0_uid": "a", "image_1_uid": "b",
+             "label_0": 0.0},
+            {"caption": "p", "jpg_0": _png("blue"), "jpg_1": _png("green"), "image_0_uid": "b", "image_1_uid": "c",
+             "label_0": 0.0}]
+    kept, stats = curate_rows(rows, pairs="add-losers-of-loser")
+    assert stats["synthesized_pairs"] == 0 and stats["bad_rows"] == 1 and len(kept) == 1
+    assert stats["bad_row_examples"][0]["row"] == 0 and "synthesized pair skipped" in stats["bad_row_examples"][0]["detail"]
+
+
+def test_out_that_is_holds_or_lies_inside_the_source_is_refused(pairs_csv, pair_rows, tmp_path, capsys):
+    import shutil
+
+    from ncppo.cli import main
+
+    from test_cli_errors import fails
+
+    folder = tmp_path / "src"
+    shutil.copytree(pairs_csv, folder)
+    (folder / "pairs.jsonl").unlink()  # one table in the folder
+    before = sorted(p.name for p in folder.rglob("*"))
+    for out, where in ((folder, "is the source"), (tmp_path, "contains the source"),
+                       (folder / "images" / "o", "lies inside --image-dir")):
+        source = folder if out == folder else folder / "pairs.csv"
+        fails(capsys, ["data", "curate", str(source), "--out", str(out), "--overwrite",
+                       "--image-dir", str(folder / "images")], f"--out {out} {where}")
+    fails(capsys, ["data", "curate", str(folder), "--out", str(folder / "o")], "lies inside the source")
+    assert sorted(p.name for p in folder.rglob("*")) == before

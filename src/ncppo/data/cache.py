@@ -123,6 +123,10 @@ def cache_latents(source, model, out, *, resolution: int = 512, split: str = "tr
     # started by torchrun would each think they are alone
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
     out = Path(out)
+    from .curate import check_out_apart
+
+    check_out_apart(out, (getattr(source, "source", source), "the source"), (image_dir, "--image-dir"),
+                    (model, "--model"), (vae, "--vae"))
     if state.is_main_process:
         if out.exists() and any(out.iterdir()):
             if not overwrite:

@@ -30,8 +30,18 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..configs import option
-from ..errors import OutputExistsError
-from .pairs import PairTable, _TableBackend, open_pairs, parse_label
+from ..errors import InputError, OutputExistsError
+from .pairs import BadRowError, PairTable, _TableBackend, open_pairs, parse_label
+
+MAX_EXAMPLES = 20  # bad rows named in stats.json
+
+
+def _path_based(table: PairTable) -> bool:
+    """Whether the images are files named by path/uid (else encoded bytes stored in the source)."""
+    import pyarrow as pa
+
+    kind = table.schema.field(table.image_columns[0]).type
+    return table.image_kind == "uid" or pa.types.is_string(kind) or pa.types.is_large_string(kind)
 
 RULES = ("absolute-winners", "drop-ties", "none")
 PAIR_VARIANTS = ("direct", "latest", "add-loser-losers", "add-losers-of-loser")
@@ -103,12 +113,41 @@ class _Curator:
             raise ValueError(f"pairs must be one of {PAIR_VARIANTS}, got {pairs!r}")
         self.table, self.batches = table, batches
         self.rule, self.pairs, self.dedupe, self.progress = rule, pairs, dedupe, progress
-        self.id_columns = list(table.uid_columns or table.image_columns)
+        self.need_ids = rule != "none" or dedupe  # image identities (hashing bytes) only when used
+        self.path_based = _path_based(table)
+        self.id_columns = list(table.uid_columns or table.image_columns) if self.need_ids else []
+        if self.path_based:  # the files are checked in both passes, so both keep the same rows
+            self.id_columns += list(table.image_columns)
+        if "label_1" in table.column_names:
+            self.id_columns.append("label_1")
+        self.bad_rows = 0
+        self.bad_examples: list[dict[str, Any]] = []
+
+    def _bad(self, row: int, detail: str) -> None:
+        self.bad_rows += 1
+        if len(self.bad_examples) < MAX_EXAMPLES:
+            self.bad_examples.append({"row": row, "detail": detail})
+
+    def _check(self, row: int, values: dict) -> tuple[bytes, bytes] | None:
+        """The image keys of a row (None when not needed); BadRowError for a row that cannot be used."""
+        if "label_1" in values and values["label_1"] is not None and parse_label(values["label_1"]) is None:
+            raise BadRowError(row, self.table.source, f"label_1 {values['label_1']!r} is not 0, 0.5 or 1")
+        if self.path_based:
+            for k in (0, 1):
+                value = values[self.table.image_columns[k]]
+                if value is None or not str(value).strip():
+                    raise BadRowError(row, self.table.source,
+                                      f"image {k} is missing (empty {self.table.image_columns[k]})")
+                self.table.resolve_path(row, k, str(value))
+        if not self.need_ids:
+            return None
+        return tuple(self.table.image_id(row, k, values) for k in (0, 1))
 
     def _rows(self, columns: list[str], desc: str) -> Iterator[_Row]:
         """Rows with a valid label, duplicates removed when --dedupe (same decision in both passes)."""
         seen: set[bytes] = set()
-        self.bad_labels = self.duplicates = 0
+        self.bad_labels = self.duplicates = self.bad_rows = 0
+        self.bad_examples = []
         bar = tqdm(total=len(self.table), desc=desc, unit="row", disable=not self.progress)
         cols = list(dict.fromkeys([self.table.caption_column, "label_0", *self.id_columns, *columns]))
         for start, batch in self.batches(cols):
@@ -120,8 +159,13 @@ class _Curator:
                 if label is None:
                     self.bad_labels += 1
                     continue
-                ids = tuple(self.table.image_id(start + j, k, values) for k in (0, 1))
-                row = _Row(start + j, values, caption, label, (_key(caption, ids[0]), _key(caption, ids[1])))
+                try:
+                    ids = self._check(start + j, values)
+                except BadRowError as err:
+                    self._bad(start + j, err.reason)
+                    continue
+                keys = (_key(caption, ids[0]), _key(caption, ids[1])) if ids else (b"", b"")
+                row = _Row(start + j, values, caption, label, keys)
                 if self.dedupe:
                     digest = hashlib.blake2b(repr(row.comparison()).encode(), digest_size=16).digest()
                     if digest in seen:
@@ -157,6 +201,9 @@ class _Curator:
         self.prompts_before = len(prompts)
         self.images = len(tallies)
         self.bad_labels_before, self.duplicates_before = self.bad_labels, self.duplicates
+        self.bad_rows_before = self.bad_rows
+        if not self.need_ids:
+            self.images = None  # --rule none without --dedupe does not identify images
         self.absolute = {k for k, (w, l, t) in tallies.items() if w >= 1 and l == 0 and t == 0}
         self.second = set()
         self.synthetic: list[tuple[bytes, bytes]] = []
@@ -188,26 +235,40 @@ class _Curator:
         captured: dict[bytes, dict[str, Any]] = {}
         kept, prompts = 0, set()
         columns = self.table.column_names
+        failed: dict[bytes, tuple[int, str]] = {}
         for r in self._rows(columns, "curate pass 2/2"):
             for k in (0, 1):
-                if r.keys[k] in needed and r.keys[k] not in captured:
-                    captured[r.keys[k]] = self._capture(r, k, spill_dir)
+                if r.keys[k] in needed and r.keys[k] not in captured and r.keys[k] not in failed:
+                    try:
+                        captured[r.keys[k]] = self._capture(r, k, spill_dir)
+                    except BadRowError as err:
+                        failed[r.keys[k]] = (r.row, err.reason)
             if self.keep(r):
                 sink.add(sink.output_row(r.row, r.values))
                 kept += 1
                 prompts.add(r.caption)
+        bad_rows, examples = self.bad_rows_before, self.bad_examples
+        synthesized = 0
         for w, l2 in self.synthetic:
+            if w not in captured or l2 not in captured:  # an image that cannot be read: no pair made of it
+                row, reason = failed[w if w not in captured else l2]
+                bad_rows += 1
+                if len(examples) < MAX_EXAMPLES:
+                    examples.append({"row": row, "detail": f"synthesized pair skipped: {reason}"})
+                continue
+            synthesized += 1
             a, b = captured[w], captured[l2]
             sink.add(sink.synthetic_row(a, b))
             kept += 1
             prompts.add(a["caption"])
         sink.close()
-        return {"rows_before": self.rows_before + self.bad_labels_before + self.duplicates_before,
+        return {"rows_before": self.rows_before + self.bad_labels_before + self.duplicates_before + self.bad_rows_before,
                 "valid_rows_before": self.rows_before, "prompts_before": self.prompts_before,
                 "rows_after": kept, "prompts_after": len(prompts), "ties": self.ties,
                 "bad_labels": self.bad_labels_before, "duplicates_dropped": self.duplicates_before,
                 "images": self.images, "absolute_winners": len(self.absolute),
-                "synthesized_pairs": len(self.synthetic), "rule": self.rule,
+                "synthesized_pairs": synthesized, "bad_rows": bad_rows, "bad_row_examples": examples,
+                "rule": self.rule,
                 "pairs": self.pairs if self.rule == "absolute-winners" else None, "dedupe": self.dedupe,
                 "source": self.table.source, "shards": sink.shard_names}
 
@@ -218,12 +279,14 @@ class _Curator:
         entry = {"caption": r.caption, "uid": uid, "row": r.row, "k": k}
         if isinstance(value, str) or self.table.image_kind == "uid":
             entry["path"] = str(self.table.resolve_path(r.row, k, str(value)).resolve())
-        elif spill_dir is None:
-            entry["value"] = value
         else:
-            path = spill_dir / f"{r.keys[k].hex()}.bin"
-            path.write_bytes(self.table.image_bytes(r.row, k, value))
-            entry["spill"] = path
+            data = self.table.image_bytes(r.row, k, value)  # BadRowError for a null or empty image
+            if spill_dir is None:
+                entry["value"] = value
+            else:
+                path = spill_dir / f"{r.keys[k].hex()}.bin"
+                path.write_bytes(data)
+                entry["spill"] = path
         return entry
 
 
@@ -235,8 +298,7 @@ class _Sink:
 
         self.table = table
         schema = table.schema
-        self.path_based = table.image_kind == "uid" or pa.types.is_string(schema.field(table.image_columns[0]).type) \
-            or pa.types.is_large_string(schema.field(table.image_columns[0]).type)
+        self.path_based = _path_based(table)
         fields = []
         for f in schema:
             if f.name in ("label_0", "label_1") and not pa.types.is_floating(f.type):
@@ -365,12 +427,27 @@ def curate_rows(rows: list[dict[str, Any]], **kwargs) -> tuple[list[dict[str, An
     return curate_table(PairTable(_TableBackend(pa.Table.from_pylist(rows), "<rows>")), **kwargs)
 
 
+def check_out_apart(out: str | Path, *inputs: tuple[Any, str]) -> None:
+    """Refuse an --out that is an input, holds one or lies inside one (--overwrite would delete it,
+    and the output would be read back as input). `inputs`: (path or hub id or None, what it is)."""
+    target = Path(out).resolve()
+    for value, what in inputs:
+        if value is None or not isinstance(value, (str, Path)) or not Path(value).exists():
+            continue  # a hub id or an unnamed source
+        src = Path(value).resolve()
+        if target == src or target in src.parents or src in target.parents:
+            where = "is" if target == src else "contains" if target in src.parents else "lies inside"
+            raise InputError(f"--out {out} {where} {what} {value}; write the output elsewhere")
+
+
 def curate(source, out: str | Path, *, rule: str = "absolute-winners", pairs: str = "direct", dedupe: bool = False,
            split: str = "train", image_dir: str | None = None, chunk_rows: int = 1000, shard_rows: int = 5000,
            overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Stream `source` twice and write the kept pairs as parquet shards + stats.json under `out`."""
     table = source if isinstance(source, PairTable) else open_pairs(source, split=split, image_dir=image_dir)
     out = Path(out)
+    check_out_apart(out, (source.source if isinstance(source, PairTable) else source, "the source"),
+                    (image_dir, "--image-dir"))
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise OutputExistsError(f"--out {out} exists and is not empty (use --overwrite)")
@@ -397,4 +474,8 @@ def run_curate(config: CurateConfig, *, progress: bool = True) -> tuple[dict[str
     print(f"{stats['source']}: kept {stats['rows_after']} of {stats['rows_before']} rows, "
           f"{stats['prompts_after']} of {stats['prompts_before']} prompts ({config.rule}"
           f"{', ' + config.pairs if config.rule == 'absolute-winners' else ''}) -> {config.out}")
+    if stats["bad_rows"]:
+        rows = ", ".join(str(e["row"]) for e in stats["bad_row_examples"][:5])
+        print(f"  skipped {stats['bad_rows']} bad row(s) (e.g. rows {rows}: "
+              f"{stats['bad_row_examples'][0]['detail']}); see {Path(config.out) / 'stats.json'}")
     return stats, 0
