@@ -276,3 +276,25 @@ def test_flow_family_exports_its_formats_and_refuses_kohya(tiny_sd3_path, tmp_pa
     assert abs(reference - draw(pipeline(tiny_sd3_path))).max() > 1e-2  # the LoRA matters (measured: 0.07)
     for pipe in (with_lora(tiny_sd3_path, plain), pipeline(merged)):
         assert abs(draw(pipe) - reference).max() <= TOL
+
+
+def test_merged_export_of_a_base_that_cannot_be_loaded_is_one_line(run, tmp_path, capsys):
+    if run.family != "sd":
+        pytest.skip("one family is enough")
+    broken = tmp_path / "broken-base"
+    shutil.copytree(run.model, broken)
+    for f in (broken / "unet").iterdir():
+        if f.name != "config.json":
+            f.unlink()
+    args = ["export", str(run.dir), "--format", "merged", "--model", str(broken)]
+    assert main(args + ["--out", str(tmp_path / "m1")]) == 2
+    assert capsys.readouterr().err.strip() == (f"ncppo export: error: base model {broken}: partial pipeline folder: "
+                                               "unet/ has no weights file")
+    shutil.rmtree(broken)
+    shutil.copytree(run.model, broken)
+    (broken / "unet" / "config.json").write_text("{not json")
+    assert main(args + ["--out", str(tmp_path / "m2")]) == 2
+    full = capsys.readouterr().err
+    err = full.splitlines()[-1]  # after diffusers' progress bar
+    assert err.startswith(f"ncppo export: error: base model {broken}: cannot load the pipeline (") and "JSON" in err
+    assert "Traceback" not in full and not (tmp_path / "m1").exists() and not (tmp_path / "m2").exists()

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InputError, first_line
+from ..models import check_pipeline_folder
 from ..models.base import load_vae
 from .files import atomic_path
 
@@ -24,10 +26,15 @@ def merged_pipeline(run):
     from diffusers import DiffusionPipeline
 
     c = run.config
+    flag = "base model"  # the run's recorded model, or export's --model
+    check_pipeline_folder(run.model, flag=flag, vae=c.get("vae"))
     with warnings.catch_warnings():  # diffusers >= 0.36 renamed torch_dtype to dtype; older ones know only torch_dtype
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipe = DiffusionPipeline.from_pretrained(run.model, revision=c.get("revision"), variant=c.get("variant"),
-                                                 torch_dtype=torch.float32)
+        try:
+            pipe = DiffusionPipeline.from_pretrained(run.model, revision=c.get("revision"), variant=c.get("variant"),
+                                                     torch_dtype=torch.float32)
+        except (OSError, ValueError) as err:  # missing/unreadable weights, unreachable hub id, broken config
+            raise InputError(f"{flag} {run.model}: cannot load the pipeline ({first_line(err)})") from err
         if c.get("vae"):
             pipe.vae = load_vae(c["vae"], c.get("revision"), torch.float32, cls=type(pipe.vae))
         component = run.adapter_class.lora_component
