@@ -77,8 +77,10 @@ def test_compare_refuses_mismatched_seeds_and_prompts(tmp_path, capsys):
     b = make_scored(tmp_path / "B", PROMPTS, [0, 2], B)
     with pytest.raises(MismatchError, match=r"prompt 0 seed 1 \('a cat'\) is in .*A but not in .*B"):
         compare_folders(CompareConfig(dir_a=str(a), dir_b=str(b)))
-    assert main(["compare", str(a), str(b)]) == 2
-    assert "do not hold the same prompts and seeds: prompt 0 seed 1" in capsys.readouterr().out
+    from test_cli_errors import fails
+
+    line = fails(capsys, ["compare", str(a), str(b)], "do not hold the same prompts and seeds: prompt 0 seed 1")
+    assert line not in capsys.readouterr().out
     c = make_scored(tmp_path / "C", ["a cat", "a bird", "a tree"], [0, 1], B)
     with pytest.raises(MismatchError, match=r"prompt 1 seed 0 differs: 'a dog' in .*A, 'a bird' in .*C"):
         compare_folders(CompareConfig(dir_a=str(a), dir_b=str(c)))
@@ -94,3 +96,33 @@ def test_compare_needs_scores_and_a_shared_metric(tmp_path):
     (b / "scores.jsonl").unlink()
     with pytest.raises(FileNotFoundError, match="run `ncppo score"):
         compare_folders(CompareConfig(dir_a=str(a), dir_b=str(b)))
+
+
+def test_compare_and_score_expected_failures_are_one_line(tmp_path, capsys):
+    from test_cli_errors import fails
+
+    a = make_scored(tmp_path / "A", PROMPTS, [0], {"pickscore": [1.0, 2.0, 3.0]})
+    b = make_scored(tmp_path / "B", PROMPTS, [0], {"hpsv2": [1.0, 2.0, 3.0]})
+    out = ["--out", str(tmp_path / "res")]
+    fails(capsys, ["compare", str(a), str(tmp_path / "nope"), *out], f"{tmp_path / 'nope'}: no such folder")
+    fails(capsys, ["compare", str(a), str(b), *out], "share no score column")
+    fails(capsys, ["compare", str(a), str(b), "--metric", "pickscore", *out], "no scores for metric 'pickscore'")
+    c = make_scored(tmp_path / "C", PROMPTS, [0], {"pickscore": [1.0, float("nan"), 3.0]})
+    fails(capsys, ["compare", str(a), str(c), *out], f"{c / 'scores.jsonl'}: non-finite pickscore scores")
+    d = make_scored(tmp_path / "D", PROMPTS, [0], {"pickscore": [1.0, 2.0, 3.0]})
+    lines = (d / "scores.jsonl").read_text().splitlines()
+    (d / "scores.jsonl").write_text("\n".join(lines + [lines[0]]) + "\n")
+    fails(capsys, ["compare", str(a), str(d), *out], "prompt 0 seed 0 appears twice")
+    (d / "scores.jsonl").write_text('{"prompt": "a cat"}\n')
+    fails(capsys, ["compare", str(a), str(d), *out], f"{d / 'scores.jsonl'}, row 1: no usable prompt")
+    e = make_scored(tmp_path / "E", PROMPTS, [0], {"pickscore": [1.0, 2.0, 3.0]})
+    (e / "images" / "00001_0.png").write_bytes(b"not a png")
+    fails(capsys, ["compare", str(a), str(e), *out, "--grid", str(tmp_path / "g.png")],
+          f"{e / 'images' / '00001_0.png'} (index row prompt 1, seed 0): cannot read image")
+    (b / "scores.jsonl").unlink()
+    fails(capsys, ["compare", str(a), str(b), *out], "run `ncppo score")
+    # score: an unreadable image and an empty index name the file
+    fails(capsys, ["score", str(e), "--scorer", "pickscore"], f"{e / 'images' / '00001_0.png'}",
+          "cannot read image")
+    (e / "index.jsonl").write_text("")
+    fails(capsys, ["score", str(e)], f"{e / 'index.jsonl'}: empty index")

@@ -35,13 +35,9 @@ def _score(args):
 
 
 def _compare(args):
-    from .compare import MismatchError, run_compare
+    from .compare import run_compare
 
-    try:
-        run_compare(config_from_args(CompareConfig, args, args.config))
-    except MismatchError as err:
-        print(f"ncppo compare: error: the folders do not hold the same prompts and seeds: {err}")
-        return 2
+    run_compare(config_from_args(CompareConfig, args, args.config))  # a mismatch is an InputError
     return 0
 
 

@@ -12,12 +12,16 @@ from pathlib import Path
 import numpy as np
 
 from ..configs import ConfigError
+from ..errors import InputError, MissingInputError
 from .score import KEY_FIELDS, load_images, read_scores
 from .stats import mean_ci, paired_bootstrap_ci, win_values
 
 
-class MismatchError(ValueError):
+class MismatchError(InputError):
     """Two sample folders do not hold the same prompts and seeds."""
+
+    def __init__(self, detail: str):
+        super().__init__(f"the folders do not hold the same prompts and seeds: {detail}")
 
 
 @dataclass
@@ -44,14 +48,21 @@ class CompareConfig:
 
 
 def _load(folder: Path) -> dict[tuple[int, int], dict]:
+    if not folder.is_dir():
+        raise MissingInputError(f"{folder}: no such folder")
     rows = read_scores(folder)
     if not rows:
-        raise FileNotFoundError(f"{folder}: no scores.jsonl (run `ncppo score {folder}` first)")
+        raise MissingInputError(f"{folder}: no scores.jsonl (run `ncppo score {folder}` first)")
     table = {}
-    for r in rows:
-        key = (int(r["prompt_index"]), int(r["seed"]))
+    for n, r in enumerate(rows, 1):
+        try:
+            key = (int(r["prompt_index"]), int(r["seed"]))
+            str(r["prompt"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise InputError(f"{folder / 'scores.jsonl'}, row {n}: no usable prompt, prompt_index and seed "
+                             f"({type(err).__name__}: {err})") from None
         if key in table:
-            raise ValueError(f"{folder / 'scores.jsonl'}: prompt {key[0]} seed {key[1]} appears twice")
+            raise InputError(f"{folder / 'scores.jsonl'}: prompt {key[0]} seed {key[1]} appears twice")
         table[key] = r
     return table
 
@@ -79,11 +90,11 @@ def _metrics(a: dict, b: dict, wanted: list[str], name_a: str, name_b: str) -> l
         for m in wanted:
             for cols, name in ((ca, name_a), (cb, name_b)):
                 if m not in cols:
-                    raise ValueError(f"{name}: no scores for metric {m!r} on every image (has {sorted(cols)})")
+                    raise InputError(f"{name}: no scores for metric {m!r} on every image (has {sorted(cols)})")
         return list(wanted)
     shared = sorted(ca & cb)
     if not shared:
-        raise ValueError(f"{name_a} ({sorted(ca)}) and {name_b} ({sorted(cb)}) share no score column")
+        raise InputError(f"{name_a} ({sorted(ca)}) and {name_b} ({sorted(cb)}) share no score column")
     return shared
 
 
@@ -103,7 +114,7 @@ def compare_folders(config: CompareConfig) -> dict:
         xb = np.array([b[k][m] for k in keys], dtype=np.float64)
         for x, d in ((xa, dir_a), (xb, dir_b)):
             if not np.all(np.isfinite(x)):
-                raise ValueError(f"{d / 'scores.jsonl'}: non-finite {m} scores")
+                raise InputError(f"{d / 'scores.jsonl'}: non-finite {m} scores")
         wins = win_values(xa, xb)
         mean_a, lo_a, hi_a = mean_ci(xa, **kw)
         mean_b, lo_b, hi_b = mean_ci(xb, **kw)

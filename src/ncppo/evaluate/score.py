@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..configs import ConfigError
+from ..errors import InputError
 from .sample import DTYPES, read_index, read_jsonl
 from .scorers import SCORERS, get_scorer, score_in_batches
 
@@ -64,12 +65,15 @@ def load_images(folder: Path, rows: list[dict]) -> list:
 
     images = []
     for row in rows:
+        if not isinstance(row.get("file"), str):
+            raise InputError(f"{folder}: the row of prompt {row.get('prompt_index')}, seed {row.get('seed')} "
+                             "names no image file")
         path = folder / row["file"]
         try:
             with Image.open(path) as im:
                 images.append(im.convert("RGB"))
         except (OSError, ValueError) as err:
-            raise ValueError(f"{path} (index row prompt {row['prompt_index']}, seed {row['seed']}): "
+            raise InputError(f"{path} (index row prompt {row.get('prompt_index')}, seed {row.get('seed')}): "
                              f"cannot read image ({err})") from None
     return images
 
@@ -92,7 +96,7 @@ def run_score(config: ScoreConfig) -> dict[str, float]:
     folder = Path(config.dir)
     index = read_index(folder)
     if not index:
-        raise ValueError(f"{folder / 'index.jsonl'}: empty index")
+        raise InputError(f"{folder / 'index.jsonl'}: empty index (no rows); run `ncppo sample` into it first")
     old = {(r["prompt_index"], r["seed"]): r for r in read_scores(folder)}
     rows = []
     for r in index:
