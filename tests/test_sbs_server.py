@@ -266,3 +266,17 @@ def test_cli_serve_on_loopback_and_a_kill_keeps_every_acknowledged_vote(tmp_path
     votes = read_votes(out)
     assert len(votes.votes) == acknowledged and votes.bad == []
     assert (tmp_path / "votes.manifest.json").is_file()
+
+
+def test_ipv6_loopback_is_loopback(tmp_path, folders):
+    from fastapi.testclient import TestClient
+
+    from ncppo.sbs.server import LOOPBACK, trusted_hosts
+
+    assert "::1" in LOOPBACK and trusted_hosts("0.0.0.0") is None
+    assert trusted_hosts("::1") == ["127.0.0.1", "localhost", "::1", "[::1]"]
+    session = session_for(folders, tmp_path / "votes.jsonl")
+    client = TestClient(create_app(session, trusted_hosts=trusted_hosts("::1")), base_url="http://[::1]:8765")
+    assert client.get("/").status_code == 200  # the Host header a browser sends for http://[::1]:8765/
+    assert client.get("/", headers={"host": "evil.example:8765"}).status_code == 400  # DNS rebinding refused
+    session.log.close()

@@ -23,7 +23,7 @@ from ..configs import ConfigError, option
 from .items import QUESTIONS, Item, annotator_order, item_key, left_side, load_items
 from .votes import VoteLog, read_votes, sanitize_annotator
 
-LOOPBACK = ("127.0.0.1", "localhost")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 STATIC = {"sbs.js": "text/javascript", "sbs.css": "text/css"}
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self'; object-src 'none'; base-uri 'none'; "
@@ -252,6 +252,12 @@ def open_session(config: ServeConfig) -> VotingSession:
         raise
 
 
+def trusted_hosts(host: str) -> list[str] | None:
+    """The Host headers a page bound to `host` accepts: the loopback names (IPv6 as the browser
+    writes it, "[::1]") when bound to loopback, else any (None)."""
+    return [*LOOPBACK, "[::1]"] if host in LOOPBACK else None
+
+
 def run_serve(config: ServeConfig) -> None:
     """Serve the voting page until interrupted (Ctrl-C)."""
     import uvicorn
@@ -261,8 +267,7 @@ def run_serve(config: ServeConfig) -> None:
     session = open_session(config)
     write_manifest(manifest_path(config.out), command="sbs serve", config=config, items=len(session.items),
                    dir_a=session.dir_a, dir_b=session.dir_b)
-    trusted = list(LOOPBACK) if config.host in LOOPBACK else None
-    app = create_app(session, trusted_hosts=trusted)
+    app = create_app(session, trusted_hosts=trusted_hosts(config.host))
     host = f"[{config.host}]" if ":" in config.host else config.host
     print(f"ncppo sbs: {len(session.items)} items x {len(session.questions)} question(s); votes -> {config.out}")
     if config.host not in LOOPBACK:
