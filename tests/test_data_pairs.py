@@ -256,3 +256,22 @@ def test_bom_and_non_utf8_sources_and_jsonl_columns_named_label_something(pairs_
     table = open_pairs(tmp_path / "who.jsonl", image_dir=pairs_csv / "images")
     assert table._b.column("labeler") == ["alice"] * len(rows)
     assert table.labels().tolist() == [1.0, 0.0, 0.5, 1.0, 0.0, 1.0]
+
+
+def test_an_image_file_that_cannot_be_read_is_a_bad_row(pairs_csv, monkeypatch):
+    """No permission (simulated: the tests run as root, who may read anything) is a bad row of that
+    file, as a missing one is, not an error that stops a training run mid-way."""
+    from pathlib import Path
+
+    real = Path.read_bytes
+
+    def read_bytes(path):
+        if path.name == "img3a.png":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    table = open_pairs(pairs_csv / "pairs.csv")
+    with pytest.raises(BadRowError, match=r"row 3: image 0 file .*img3a.png cannot be read \(Permission denied\)"):
+        table.load(3)
+    assert table.load(2).caption  # the other rows read as before

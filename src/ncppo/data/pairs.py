@@ -407,7 +407,10 @@ class PairTable:
         if value is None or (isinstance(value, str) and not value.strip()):
             raise BadRowError(row, self.source, f"image {k} is missing (empty {self.image_columns[k]})")
         path = self.resolve_path(row, k, str(value))
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except OSError as err:  # no permission, a folder, an I/O error: a bad row, not a crashed run
+            raise BadRowError(row, self.source, f"image {k} file {path} cannot be read ({err.strerror or err})") from None
         if not data:
             raise BadRowError(row, self.source, f"image {k} file {path} is empty (0 bytes)")
         return data
