@@ -99,7 +99,7 @@ class ModelAdapter:
         from diffusers import AutoencoderKL
 
         dtype, common = d["weight_dtype"], dict(revision=d["revision"])
-        self._vae = load_vae(d["vae"], d["revision"], dtype) if d["vae"] else AutoencoderKL.from_pretrained(
+        self._vae = load_vae(d["vae"], dtype) if d["vae"] else AutoencoderKL.from_pretrained(
             d["model"], subfolder="vae", variant=d["variant"], torch_dtype=dtype, **common)
         encoders, tokenizers = self._load_text_components(d["model"], variant=d["variant"], dtype=dtype, **common)
         for module in [self._vae, *encoders]:
@@ -277,11 +277,12 @@ class ModelAdapter:
         return convert_state_dict_to_diffusers(peft_state)
 
 
-def load_vae(vae: str, revision: str | None, dtype: torch.dtype, cls=None):
+def load_vae(vae: str, dtype: torch.dtype, cls=None):
     """A VAE (``cls``, default AutoencoderKL) from a hub id or folder holding either the VAE itself or a
-    pipeline with a `vae/` subfolder (the run's ``--vae``)."""
+    pipeline with a `vae/` subfolder (the run's ``--vae``). Another repository than the model's, so
+    the model's ``--revision`` (often a commit of that repository) does not apply: its default branch."""
     from diffusers import AutoencoderKL
 
     local = Path(vae)
     subfolder = "vae" if local.is_dir() and not (local / "config.json").exists() and (local / "vae").is_dir() else None
-    return (cls or AutoencoderKL).from_pretrained(vae, subfolder=subfolder, revision=revision, torch_dtype=dtype)
+    return (cls or AutoencoderKL).from_pretrained(vae, subfolder=subfolder, torch_dtype=dtype)

@@ -36,7 +36,7 @@ def merged_pipeline(run):
         except (OSError, ValueError) as err:  # missing/unreadable weights, unreachable hub id, broken config
             raise InputError(f"{flag} {run.model}: cannot load the pipeline ({first_line(err)})") from err
         if c.get("vae"):
-            pipe.vae = load_vae(c["vae"], c.get("revision"), torch.float32, cls=type(pipe.vae))
+            pipe.vae = load_vae(c["vae"], torch.float32, cls=type(pipe.vae))
         component = run.adapter_class.lora_component
         if run.full_unet is not None:
             denoiser = type(getattr(pipe, component)).from_pretrained(run.full_unet, torch_dtype=torch.float32)

@@ -22,8 +22,9 @@ class TrainConfig:
                                         "folder, CSV/JSONL naming image files, or a latent cache from `ncppo data cache`."})
     output_dir: str = field(metadata={"help": "Where checkpoints, logs, the final weights and manifest.json go."})
     family: str = option("auto", "Model family; auto reads model_index.json.", choices=("auto", "sd", "sdxl", "sd3", "flux"))
-    vae: str | None = option(None, "Optional separate VAE (hub id or folder), e.g. the fp16-fix SDXL VAE.")
-    revision: str | None = option(None, "Model revision (branch, tag or commit) on the hub.")
+    vae: str | None = option(None, "Optional separate VAE (hub id or folder), e.g. the fp16-fix SDXL VAE (its "
+                                   "default branch: --revision applies to --model only).")
+    revision: str | None = option(None, "Revision (branch, tag or commit) of --model on the hub.")
     variant: str | None = option(None, "Weight file variant to load, e.g. fp16.")
 
     # --- objective -----------------------------------------------------------------------------
