@@ -122,3 +122,16 @@ def test_card_of_a_full_fine_tune_names_the_saved_denoiser_and_the_family_sampli
             assert "UNet2DConditionModel" not in text
     lora = render_card(_full_run(tmp_path, "black-forest-labs/FLUX.1-dev", "flux"), kind="lora")
     assert "guidance_scale=3.5" in lora and "guidance_scale=7.5" not in lora
+
+
+def test_card_of_a_run_with_its_own_vae_loads_that_vae(tmp_path):
+    config = {"model": "stabilityai/stable-diffusion-xl-base-1.0", "family": "sdxl", "finetune": "lora",
+              "objective": "dpo", "space": "latent", "beta": 5000.0, "vae": "madebyollin/sdxl-vae-fp16-fix"}
+    lora = {"m.lora_A.weight": torch.zeros(4, 8), "m.lora_B.weight": torch.zeros(8, 4)}
+    run = TrainedRun(path=tmp_path, output_dir=tmp_path / "run", model=config["model"], family="sdxl", step=10,
+                     config=config, manifest={"config": config}, lora=lora, alpha=4.0)
+    text = render_card(run, kind="lora")
+    assert "from diffusers import AutoencoderKL, DiffusionPipeline\n" in text
+    assert ('vae = AutoencoderKL.from_pretrained("madebyollin/sdxl-vae-fp16-fix", torch_dtype=torch.float16)\n'
+            'pipe = DiffusionPipeline.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0", vae=vae, ') in text
+    assert "vae=vae" not in render_card(run, kind="merged")  # the merged pipeline holds the run's VAE already

@@ -283,6 +283,10 @@ def load_vae(vae: str, dtype: torch.dtype, cls=None):
     the model's ``--revision`` (often a commit of that repository) does not apply: its default branch."""
     from diffusers import AutoencoderKL
 
+    return (cls or AutoencoderKL).from_pretrained(vae, subfolder=vae_subfolder(vae), torch_dtype=dtype)
+
+
+def vae_subfolder(vae: str) -> str | None:
+    """"vae" when ``vae`` is a local pipeline folder holding a vae/ (not a VAE folder itself), else None."""
     local = Path(vae)
-    subfolder = "vae" if local.is_dir() and not (local / "config.json").exists() and (local / "vae").is_dir() else None
-    return (cls or AutoencoderKL).from_pretrained(vae, subfolder=subfolder, torch_dtype=dtype)
+    return "vae" if local.is_dir() and not (local / "config.json").exists() and (local / "vae").is_dir() else None

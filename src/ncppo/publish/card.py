@@ -367,7 +367,15 @@ def _usage(run: TrainedRun, kind: str, weights_name: str | None) -> str:
     base = run.model
     dtype = "bfloat16" if run.adapter_class.lora_component == "transformer" else "float16"  # FLUX/SD3 run in bf16
     head = "## How to use\n\n"
-    pipe = f'pipe = DiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.{dtype}).to("cuda")'
+    from ..models.base import vae_subfolder
+
+    # A run trained with --vae used that VAE (e.g. the fp16-fix SDXL VAE); a merged export holds it already.
+    vae = run.config.get("vae") if kind != "merged" else None
+    sub_arg = ', subfolder="vae"' if vae and vae_subfolder(vae) else ""
+    vae_line = (f'vae = AutoencoderKL.from_pretrained("{vae}"{sub_arg}, torch_dtype=torch.{dtype})\n'
+                if vae else "")
+    vae_arg = ", vae=vae" if vae else ""
+    pipe = f'{vae_line}pipe = DiffusionPipeline.from_pretrained("{base}"{vae_arg}, torch_dtype=torch.{dtype}).to("cuda")'
     if kind == "merged":
         code = ('pipe = DiffusionPipeline.from_pretrained("PATH_OR_REPO_OF_THIS_FOLDER", '
                 f'torch_dtype=torch.{dtype}).to("cuda")')
@@ -375,15 +383,15 @@ def _usage(run: TrainedRun, kind: str, weights_name: str | None) -> str:
     elif kind == "full":
         sub, cls = run.adapter_class.lora_component, run.adapter_class.denoiser_class_name
         code = (f'{sub} = {cls}.from_pretrained("PATH_OR_REPO_OF_THIS_FOLDER", subfolder="{sub}", '
-                f'torch_dtype=torch.{dtype})\npipe = DiffusionPipeline.from_pretrained("{base}", {sub}={sub}, '
-                f'torch_dtype=torch.{dtype}).to("cuda")')
+                f'torch_dtype=torch.{dtype})\n{vae_line}pipe = DiffusionPipeline.from_pretrained("{base}", {sub}={sub}'
+                f'{vae_arg}, torch_dtype=torch.{dtype}).to("cuda")')
         text = f"The fine-tuned {_denoiser(run)} ({cls}) in `{sub}/`, with the base pipeline's other components:"
     else:
         name = weights_name or WEIGHTS_FILE
         code = f'{pipe}\npipe.load_lora_weights("PATH_OR_REPO_OF_THIS_FOLDER", weight_name="{name}")'
         text = ("With diffusers (the kohya file loads through diffusers' kohya converter):" if kind == "kohya"
                 else "With diffusers:")
-    imports = "from diffusers import DiffusionPipeline" + (
+    imports = "from diffusers import " + ("AutoencoderKL, " if vae else "") + "DiffusionPipeline" + (
         f", {run.adapter_class.denoiser_class_name}" if kind == "full" else "")
     steps, guidance = sampling_defaults(run)
     snippet = (f"```python\nimport torch\n{imports}\n\n{code}\n"
