@@ -10,7 +10,6 @@ import warnings
 
 import pytest
 import torch
-from peft import LoraConfig
 from safetensors.torch import load_file
 
 from ncppo.lora import adapters_disabled
@@ -18,6 +17,7 @@ from ncppo.spaces import NCPConfig
 from ncppo.train.config import TrainConfig
 from ncppo.train.loop import train
 from ncppo.train.step import Reference, preference_step
+from test_objective_direction import fresh_lora
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -42,16 +42,6 @@ def adapter(request):
     adapter = load_model(str(request.getfixturevalue(FIXTURES[request.param])))
     adapter.fixed_cond = adapter.encode_prompts(["a red circle", "a blue square", "a cat"])
     return adapter
-
-
-def fresh_lora(adapter):
-    net = adapter.unet
-    if getattr(net, "peft_config", None):
-        net.delete_adapters("default")
-    torch.manual_seed(0)
-    net.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                               target_modules=list(adapter.default_lora_targets)))
-    return net
 
 
 def run(adapter, net, objective, space):

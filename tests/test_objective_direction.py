@@ -22,13 +22,14 @@ def adapter(tiny_sd_path):
 
 
 def fresh_lora(adapter):
-    unet = adapter.unet
-    if getattr(unet, "peft_config", None):
-        unet.delete_adapters("default")
+    """The adapter's denoiser with a new rank-4 LoRA on its family's default targets (seeded draw)."""
+    net = adapter.unet
+    if getattr(net, "peft_config", None):
+        net.delete_adapters("default")
     torch.manual_seed(0)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    return unet
+    net.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                               target_modules=list(adapter.default_lora_targets)))
+    return net
 
 
 def fixed_batch():
