@@ -92,3 +92,11 @@ def test_compile_does_not_recompile_after_the_first_step(tiny_sd_path, pairs_par
                           max_steps=steps, compile=True, compile_backend="aot_eager"))
         counts.append(_compiled_frames())
     assert counts[0] > 0 and counts[1] == counts[0]
+
+
+def test_an_unknown_compile_backend_fails_before_anything_loads(tmp_path):
+    from ncppo.configs import ConfigError
+
+    with pytest.raises(ConfigError, match="--compile-backend 'inductr' is not a torch.compile backend; known: .*inductor"):
+        make_config(tmp_path / "no-model", tmp_path / "no-data", tmp_path / "run", compile=True,
+                    compile_backend="inductr").validate()

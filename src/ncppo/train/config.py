@@ -183,6 +183,13 @@ class TrainConfig:
             raise ConfigError(f"--checkpoints-total-limit must be >= 1 (or none), got {self.checkpoints_total_limit}")
         if self.eval_every and not (self.eval_prompts and self.eval_scorer):
             raise ConfigError("--eval-every needs --eval-prompts and --eval-scorer")
+        if self.compile:
+            from torch._dynamo import list_backends
+
+            known = list_backends(exclude_tags=())
+            if self.compile_backend not in known:
+                raise ConfigError(f"--compile-backend {self.compile_backend!r} is not a torch.compile backend; "
+                                  f"known: {', '.join(known)}")
         if self.finetune == "lora" and self.lora_targets is not None and not self.lora_targets:
             raise ConfigError("--lora-targets must name at least one module")
         if self.ncp_blocks is not None and self.ncp_blocks < 1:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
+
 # Models whose diffusers class does not declare `_repeated_blocks`.
 REPEATED_BLOCKS = {"SD3Transformer2DModel": ("JointTransformerBlock",)}
 
@@ -26,7 +28,7 @@ def compile_blocks(model: torch.nn.Module, *, backend: str = "inductor", mode: s
     """torch.compile every repeated block of `model` in place; returns how many were compiled."""
     names = set(repeated_block_names(model))
     if not names:
-        raise ValueError(f"--compile: no repeated blocks known for {type(model).__name__}")
+        raise InputError(f"--compile: no repeated blocks known for {type(model).__name__}")
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     for block in blocks:
         block.compile(backend=backend, mode=None if mode == "default" else mode)
