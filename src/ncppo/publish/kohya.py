@@ -15,16 +15,10 @@ from pathlib import Path
 
 import torch
 
-PREFIX = "lora_unet_"
 # ss_base_model_version -> the Stability AI model-spec architecture (modelspec.architecture)
 ARCHITECTURES = {"sd_v1": "stable-diffusion-v1", "sd_v1_v": "stable-diffusion-v1",
                  "sd_v2": "stable-diffusion-v2-512", "sd_v2_v": "stable-diffusion-v2-768-v",
                  "sdxl_base_v1-0": "stable-diffusion-xl-v1-base"}
-
-
-def kohya_name(module: str) -> str:
-    """kohya's LoRA name of a U-Net module: `lora_unet_` + its diffusers path with '.' -> '_'."""
-    return PREFIX + module.replace(".", "_")
 
 
 def to_kohya(lora: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
