@@ -145,3 +145,113 @@ def test_bf16_errors_are_computed_in_float32():
     assert out.loss.dtype == torch.float32
     ref = preference_loss(POL.bfloat16().float(), REF.bfloat16().float(), objective="dpo", beta=BETA)
     assert out.loss.item() == ref.loss.item()
+
+
+# ---- soft labels: p = probability that the first image (the winner) is preferred
+P = torch.tensor([0.8, 0.6])
+
+
+def test_soft_label_dpo_by_hand():
+    # conservative DPO: p * -logsigmoid(x) + (1 - p) * -logsigmoid(-x), x = LOGITS [1.0, -1.5]
+    expected = (0.8 * softplus(-1.0) + 0.2 * softplus(1.0) + 0.6 * softplus(1.5) + 0.4 * softplus(-1.5)) / 2
+    out = loss("dpo", labels=P)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-6)
+    assert out.loss.item() != pytest.approx(loss("dpo").loss.item(), rel=1e-3)  # the label changes the loss
+    assert out.metrics["label_mean"].item() == pytest.approx(0.7)
+
+
+def test_soft_label_hinge_by_hand():
+    # p relu(1 - x) + (1 - p) relu(1 + x): pair 1 0.8 * 0 + 0.2 * 2 = 0.4, pair 2 0.6 * 2.5 + 0.4 * 0 = 1.5
+    assert loss("hinge", labels=P).loss.item() == pytest.approx((0.4 + 1.5) / 2, rel=1e-6)
+
+
+def test_soft_label_ipo_by_hand():
+    # target (2p - 1)/2 = [0.3, 0.1]: (1.0 - 0.3)^2 = 0.49, (-1.5 - 0.1)^2 = 2.56
+    assert loss("ipo", labels=P).loss.item() == pytest.approx((0.49 + 2.56) / 2, rel=1e-6)
+    # = the IPO loss expected over which image won, p (x - 1/2)^2 + (1 - p) (x + 1/2)^2, less p (1 - p)
+    expected = sum(p * (x - 0.5) ** 2 + (1 - p) * (x + 0.5) ** 2 - p * (1 - p) for p, x in zip([0.8, 0.6], LOGITS)) / 2
+    assert loss("ipo", labels=P).loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("lam", [0.0, 2.0])
+def test_soft_label_cpo_by_hand(lam):
+    # reference-free logits [1.0, -0.5]; the winner-error term is not label-weighted. (Not P: with
+    # P = [0.8, 0.6] the two pairs' changes cancel at these logits.)
+    expected = (0.9 * softplus(-1.0) + 0.1 * softplus(1.0) + 0.7 * softplus(0.5) + 0.3 * softplus(-0.5)) / 2 + lam * 0.2
+    out = loss("cpo", cpo_lambda=lam, labels=torch.tensor([0.9, 0.7]), ref=None)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-6)
+    assert out.loss.item() != pytest.approx(loss("cpo", cpo_lambda=lam, ref=None).loss.item(), rel=1e-3)
+
+
+def test_soft_label_orpo_by_hand():
+    r = [log_odds(1.0) - log_odds(2.0), log_odds(3.0) - log_odds(2.5)]
+    odds_term = (0.8 * softplus(-r[0]) + 0.2 * softplus(r[0]) + 0.6 * softplus(-r[1]) + 0.4 * softplus(r[1])) / 2
+    expected = (1.0 + 3.0) / 2 + 0.3 * odds_term
+    assert loss("orpo", orpo_lambda=0.3, labels=P, ref=None).loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_soft_label_sft_trains_the_winner_unchanged():
+    assert loss("sft", labels=P, ref=None).loss.item() == pytest.approx(0.2, rel=1e-6)
+
+
+def test_label_smoothing_by_hand():
+    # hard labels: p = 1 - eps = 0.9
+    expected = (0.9 * softplus(-1.0) + 0.1 * softplus(1.0) + 0.9 * softplus(1.5) + 0.1 * softplus(-1.5)) / 2
+    assert loss("dpo", label_smoothing=0.1).loss.item() == pytest.approx(expected, rel=1e-6)
+    assert loss("dpo", label_smoothing=0.1, labels=torch.ones(2)).loss.item() == pytest.approx(expected, rel=1e-6)
+    # soft labels: p (1 - eps) + (1 - p) eps = [0.74, 0.58]; IPO targets (2p - 1)/2 = [0.24, 0.08]
+    expected = ((1.0 - 0.24) ** 2 + (-1.5 - 0.08) ** 2) / 2
+    out = loss("ipo", label_smoothing=0.1, labels=P)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-6)
+    assert out.metrics["label_mean"].item() == pytest.approx(0.66)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_hard_labels_give_the_old_loss_bit_for_bit(objective):
+    ref = None if objective not in NEEDS_REFERENCE else REF
+    grads = []
+    for labels in (None, torch.ones(2), [1.0, 1.0]):
+        pol = POL.clone().requires_grad_(True)
+        out = preference_loss(pol, ref, objective=objective, beta=BETA, cpo_lambda=0.5, labels=labels)
+        out.loss.backward()
+        grads.append((out.loss.detach(), pol.grad))
+    for loss_value, grad in grads[1:]:
+        assert torch.equal(loss_value, grads[0][0]) and torch.equal(grad, grads[0][1])
+    assert "label_mean" not in preference_loss(POL, ref, objective=objective, beta=BETA).metrics
+
+
+@pytest.mark.parametrize("objective", ["dpo", "hinge", "ipo"])
+def test_half_label_is_symmetric(objective):
+    half = torch.full((2,), 0.5)
+    swapped_pol, swapped_ref = torch.cat([POL[2:], POL[:2]]), torch.cat([REF[2:], REF[:2]])
+    a = preference_loss(POL, REF, objective=objective, beta=BETA, labels=half).loss
+    b = preference_loss(swapped_pol, swapped_ref, objective=objective, beta=BETA, labels=half).loss
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    # at logits 0 (policy = reference) no direction is preferred: the gradient is zero
+    pol = REF.clone().requires_grad_(True)
+    preference_loss(pol, REF, objective=objective, beta=BETA, labels=half).loss.backward()
+    assert pol.grad.abs().max().item() < 1e-7, pol.grad
+    # ... while a hard label pulls the winner's error down
+    pol.grad = None
+    preference_loss(pol, REF, objective=objective, beta=BETA).loss.backward()
+    assert (pol.grad[:2] > 0).all()
+
+
+@pytest.mark.parametrize("objective", ["dpo", "hinge", "ipo"])
+def test_label_below_half_is_the_swapped_pair(objective):
+    # p for (w, l) is 1 - p for (l, w)
+    swapped_pol, swapped_ref = torch.cat([POL[2:], POL[:2]]), torch.cat([REF[2:], REF[:2]])
+    a = preference_loss(POL, REF, objective=objective, beta=BETA, labels=P).loss
+    b = preference_loss(swapped_pol, swapped_ref, objective=objective, beta=BETA, labels=1 - P).loss
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+
+
+def test_bad_labels_are_refused():
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        loss("dpo", labels=torch.ones(3))
+    for bad in ([1.2, 1.0], [-0.1, 1.0], [float("nan"), 1.0]):
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            loss("dpo", labels=torch.tensor(bad))
+    for eps in (-0.1, 0.5):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            loss("dpo", label_smoothing=eps)

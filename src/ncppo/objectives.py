@@ -24,6 +24,28 @@ Objectives (mean over the B pairs; pol_*/ref_* are policy/reference errors)
     sft    pol_w
     orpo   beta * pol_w + orpo_lambda * -logsigmoid(log_odds_w - log_odds_l)
 
+Labels (soft preferences)
+-------------------------
+``labels`` (B,) is the probability p that the first image of each pair (the winner after the data
+path's orientation, so p in (0.5, 1]) is preferred; None means p = 1 (hard labels). Each pairwise
+term becomes its expectation over which image won: image 0 with probability p, image 1 (the same
+pair swapped: logits -> -logits, odds ratio -> -odds ratio) with probability 1 - p:
+
+    dpo    p * -logsigmoid(logits) + (1 - p) * -logsigmoid(-logits)    (conservative DPO, Mitchell 2023)
+    hinge  p * relu(1 - logits) + (1 - p) * relu(1 + logits)
+    ipo    (logits - (2p - 1)/2)^2        (the expected IPO loss less its constant variance p (1 - p):
+                                           target 1/2 at p = 1, 0 at p = 1/2, i.e. no preference)
+    cpo    the -logsigmoid term as dpo's, on -beta (pol_w - pol_l); cpo_lambda * pol_w unchanged
+    orpo   the odds-ratio term as dpo's, on log_odds_w - log_odds_l; beta * pol_w unchanged
+    sft    pol_w, unchanged: the likelihood terms (sft, CPO's lambda term, ORPO's NLL term) fit the
+           oriented winner whatever its label; the label only enters the pairwise terms
+
+``label_smoothing`` eps in [0, 0.5) replaces every p by p (1 - eps) + (1 - p) eps (hard labels:
+1 - eps), the usual definition. At p = 1 (labels None or all ones) and eps = 0 every loss is
+bit-identical to the hard-label formulas above; at p = 1/2 dpo, hinge and ipo are symmetric in the
+logits (their gradient is zero at logits 0). Metric ``label_mean`` (mean p after smoothing) is
+added whenever labels or smoothing are given.
+
 IPO scale. Azar et al. write (h_LL - 1/(2 tau))^2 on the log-likelihood-ratio difference h_LL,
 with tau playing DPO's beta. Here beta * h plays beta_DPO * h_LL, so their loss is
 (logits - 1/2)^2 / tau^2; we drop the constant 1/tau^2. The research code's
@@ -149,6 +171,32 @@ def _log_odds(nll: torch.Tensor) -> torch.Tensor:
     return -nll - torch.log(-torch.expm1(-nll))
 
 
+def _targets(labels, n: int, label_smoothing: float, like: torch.Tensor) -> torch.Tensor | None:
+    """The target probabilities p (n,) on `like`'s device, smoothed; None for hard labels, no smoothing."""
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if labels is None:
+        if label_smoothing == 0:
+            return None
+        labels = torch.ones(n)
+    p = torch.as_tensor(labels).detach()
+    if p.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},), one per pair, got {tuple(p.shape)}")
+    p = p.to(torch.float64 if p.device.type == "cpu" else torch.float32)
+    if p.device.type == "cpu" and not bool(((p >= 0) & (p <= 1)).all()):  # (on an accelerator: no sync to check)
+        raise ValueError(f"labels must be probabilities in [0, 1], got {p.tolist()}")
+    if label_smoothing:
+        p = p * (1 - label_smoothing) + (1 - p) * label_smoothing
+    return p.to(like.device, torch.float32)
+
+
+def _expected(term, x: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
+    """Mean of term(x) (hard labels), or of p term(x) + (1 - p) term(-x): the pair swapped with prob. 1 - p."""
+    if p is None:
+        return term(x).mean()
+    return (p * term(x) + (1 - p) * term(-x)).mean()
+
+
 def preference_loss(
     policy_errors: torch.Tensor,
     reference_errors: torch.Tensor | None = None,
@@ -157,10 +205,14 @@ def preference_loss(
     beta: float = 2500.0,
     cpo_lambda: float = 0.0,
     orpo_lambda: float = 0.1,
+    labels: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> LossOutput:
     """Loss and metrics of ``objective`` on per-sample errors (2B,), winners then losers.
 
-    See the module docstring for the formulas and the beta convention.
+    ``labels`` (B,): the probability that each pair's first image (the winner) is preferred, in
+    [0, 1] (None: 1); ``label_smoothing`` eps moves it to p (1 - eps) + (1 - p) eps. See the module
+    docstring for the formulas and the beta convention.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
@@ -185,19 +237,24 @@ def preference_loss(
     else:
         logits = -beta * (pol_w - pol_l)
 
+    p = _targets(labels, pol_w.shape[0], label_smoothing, logits)
+
+    def nll(x):
+        return -F.logsigmoid(x)
+
     if objective == "dpo":
-        loss = -F.logsigmoid(logits).mean()
+        loss = _expected(nll, logits, p)
     elif objective == "hinge":
-        loss = torch.relu(1 - logits).mean()
+        loss = _expected(lambda x: torch.relu(1 - x), logits, p)
     elif objective == "ipo":
-        loss = ((logits - 0.5) ** 2).mean()
+        loss = ((logits - (0.5 if p is None else (2 * p - 1) / 2)) ** 2).mean()
     elif objective == "cpo":
-        loss = -F.logsigmoid(-beta * (pol_w - pol_l)).mean() + cpo_lambda * pol_w.mean()
+        loss = _expected(nll, -beta * (pol_w - pol_l), p) + cpo_lambda * pol_w.mean()
     elif objective == "sft":
         loss = pol_w.mean()
     else:  # orpo
         odds_ratio = _log_odds(beta * pol_w) - _log_odds(beta * pol_l)
-        loss = (beta * pol_w).mean() - orpo_lambda * F.logsigmoid(odds_ratio).mean()
+        loss = (beta * pol_w).mean() + orpo_lambda * _expected(nll, odds_ratio, p)
 
     with torch.no_grad():
         metrics = {
@@ -209,4 +266,6 @@ def preference_loss(
         if reference_errors is not None:
             metrics["ref_err_w"] = ref_w.mean()
             metrics["ref_err_l"] = ref_l.mean()
+        if p is not None:
+            metrics["label_mean"] = p.mean()
     return LossOutput(loss=loss, metrics={k: v.detach() for k, v in metrics.items()})
