@@ -42,17 +42,17 @@ def _compare(args):
 
 
 def register(subparsers) -> None:
-    p = _parser(subparsers, "sample", SampleConfig, "generate seeded images for a prompt set",
+    p = _parser(subparsers, "sample", SampleConfig, "Generate seeded images for a prompt set.",
                 "Generate one image per prompt and seed (PNG + index.jsonl), resuming where a run stopped. "
                 "Run under `accelerate launch` to split the prompts across processes.")
     p.set_defaults(func=_sample)
 
-    p = _parser(subparsers, "score", ScoreConfig, "score a sample folder with reward models",
+    p = _parser(subparsers, "score", ScoreConfig, "Score a sample folder with reward models.",
                 "Score every image of a sample folder; writes DIR/scores.jsonl and DIR/scores.csv.")
     p.add_argument("dir", nargs="?", default=argparse.SUPPRESS, help=ScoreConfig.__dataclass_fields__["dir"].metadata["help"])
     p.set_defaults(func=_score)
 
-    p = _parser(subparsers, "compare", CompareConfig, "win rate of one scored sample folder over another",
+    p = _parser(subparsers, "compare", CompareConfig, "Win rate of one scored sample folder over another.",
                 "Per metric: mean scores, win rate of A over B (ties count half) with a paired bootstrap interval; "
                 "writes compare.json and compare.md to --out.")
     for name in ("dir_a", "dir_b"):

@@ -10,7 +10,7 @@ from .export import ExportConfig
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "export", help="publish a run: kohya LoRA file, diffusers LoRA file, merged pipeline, model card",
+        "export", help="Publish a run: kohya LoRA file, diffusers LoRA file, merged pipeline, model card.",
         description="Write a training run's weights in another format and/or its Hub model card. Examples: "
                     "`ncppo export runs/x --format kohya --out x.safetensors` (A1111, ComfyUI, Forge); "
                     "`ncppo export runs/x --format merged --out x-pipeline --dtype fp16 --card`; "

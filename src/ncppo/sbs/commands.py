@@ -38,23 +38,23 @@ def _export(config: ExportConfig) -> int:
 
 
 TOOLS = {
-    "serve": (ServeConfig, _serve, "serve the blind A/B voting page over two sample folders",
+    "serve": (ServeConfig, _serve, "Serve the blind A/B voting page over two sample folders.",
               "Serve a local page that shows the images of two `ncppo sample` folders side by side, blind and in "
               "random left/right order, for the same prompt and seed. Keys 1 / 2 / 3 (left better / right better / "
               "tie) answer each question; every vote is appended to --out at once and an annotator resumes where "
               "they stopped.", [("dir_a", None), ("dir_b", None)]),
-    "results": (ResultsConfig, _results, "win rates, intervals and agreement from vote files",
+    "results": (ResultsConfig, _results, "Win rates, intervals and agreement from vote files.",
                 "Per question: win rate of A over B from the majority vote per item (ties half) with a two-stage "
                 "bootstrap interval over prompts then items, Krippendorff's alpha and votes per annotator; "
                 "writes sbs.json and sbs.md to --out.", [("votes", "+")]),
-    "export": (ExportConfig, _export, "votes as Pick-a-Pic-schema training pairs",
+    "export": (ExportConfig, _export, "Votes as Pick-a-Pic-schema training pairs.",
                "Write the votes as preference pairs (caption, jpg_0/jpg_1 or image_0/image_1, label_0 with ties "
                "as 0.5) that `ncppo train --data` and `ncppo data check` read.", [("votes", "+")]),
 }
 
 
 def register(subparsers) -> None:
-    sbs = subparsers.add_parser("sbs", help="human side-by-side evaluation: serve, results, export",
+    sbs = subparsers.add_parser("sbs", help="Human side-by-side evaluation: serve, results, export.",
                                 description="Human side-by-side evaluation of two sample folders in the browser.")
     tools = sbs.add_subparsers(dest="sbs_command", metavar="TOOL")
     for name, (cls, func, help_text, description, positionals) in TOOLS.items():

@@ -8,10 +8,11 @@ from .config import TrainConfig
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "train", help="Preference fine-tuning (LoRA or full) of an SD1.x/2.x or SDXL pipeline.",
-        description="Preference fine-tuning of a diffusers SD1.x/2.x or SDXL pipeline with DPO/CPO/SFT/IPO/"
-                    "hinge/ORPO in latent or NCP space. Several processes: `accelerate launch -m ncppo train ...`. "
-                    "Flags override the YAML file given with --config (its keys are the flag names).")
+        "train", help="Preference fine-tuning (LoRA or full) of an SD1.x/2.x, SDXL, SD3/SD3.5 or FLUX.1 pipeline.",
+        description="Preference fine-tuning of a diffusers SD1.x/2.x, SDXL, SD3/SD3.5 or FLUX.1 pipeline with "
+                    "DPO/CPO/SFT/IPO/hinge/ORPO in latent or NCP space. Several processes: "
+                    "`accelerate launch -m ncppo train ...`. Flags override the YAML file given with --config (its keys "
+                    "are the flag names).")
     parser.add_argument("--config", metavar="YAML", help="YAML file of flag values (CLI flags override it).")
     add_dataclass_arguments(parser, TrainConfig)
     parser.set_defaults(func=run)
