@@ -45,6 +45,21 @@ def test_flux_shift_depends_on_resolution_as_in_the_pipeline(side):
     torch.testing.assert_close(process.sigmas(levels, like), math.exp(mu) / (math.exp(mu) + 1 / u - 1))
 
 
+def test_flux_shift_reads_the_sequence_lengths_and_shifts_from_the_scheduler_config():
+    """mu = base_shift + (max_shift - base_shift) (L - base_image_seq_len) / (max_image_seq_len - base_image_seq_len)
+    with every constant from the config (docs/library.md), not fixed at 256 / 4096."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.3, max_shift=0.9,
+                                                base_image_seq_len=64, max_image_seq_len=1024)
+    process = as_process(scheduler)
+    like = torch.zeros(1, 16, 32, 32)  # L = 16 x 16 = 256 tokens
+    assert process.mu(like) == pytest.approx(0.3 + 0.6 * (256 - 64) / (1024 - 64))  # 0.42
+    assert process.mu(like) == pytest.approx(calculate_shift(256, 64, 1024, 0.3, 0.9))
+    assert process.mu(like) != pytest.approx(calculate_shift(256, 256, 4096, 0.5, 1.15))
+
+
 def test_flow_shift_override_fixes_the_shift():
     process = FlowMatchProcess.from_scheduler(tiny_flow_scheduler(dynamic=True), shift=1.0)
     assert not process.dynamic and process.shift == 1.0
