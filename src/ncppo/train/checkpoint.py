@@ -42,7 +42,8 @@ TEST_FAULT_ENV = "NCPPO_TEST_FAULT"
 # What makes a checkpoint belong to a run: resuming with any of these changed is refused
 # (unless --resume-anyway), because the data order, the optimizer state or the weights would not fit.
 IDENTITY_KEYS = ("model", "vae", "revision", "variant", "finetune", "lora_rank", "lora_alpha", "lora_targets",
-                 "batch_size", "gradient_accumulation_steps", "processes", "data_fingerprint", "pairs", "seed")
+                 "batch_size", "gradient_accumulation_steps", "processes", "data_fingerprint", "pairs", "seed",
+                 "init_lora", "reference_lora")
 
 
 def warn(message: str) -> None:
@@ -234,6 +235,10 @@ def run_identity(config, *, processes: int, data_fingerprint: str, pairs: int) -
     values = {k: getattr(config, k, None) for k in IDENTITY_KEYS}
     values.update(processes=processes, data_fingerprint=data_fingerprint, pairs=pairs)
     values["lora_targets"] = list(values["lora_targets"] or [])
+    from ..evaluate.sample import lora_sha256
+
+    for key in ("init_lora", "reference_lora"):  # a LoRA counts by its content, not its path
+        values[key] = lora_sha256(values[key])
     if config.finetune != "lora":
         values["lora_rank"] = values["lora_alpha"] = values["lora_targets"] = None
     else:

@@ -81,6 +81,10 @@ class TrainConfig:
     # --- data ----------------------------------------------------------------------------------
     split: str = option("train", "Dataset split (datasets ids and folders).")
     image_dir: str | None = option(None, "Image folder for CSV/JSONL pair files (default: beside the file).")
+    init_lora: str | None = option(None, "LoRA file or run folder to start from instead of a fresh adapter (continue a "
+                                         "LoRA: on-policy rounds); its rank and alpha must be --lora-rank/--lora-alpha.")
+    reference_lora: str | None = option(None, "DPO reference = the base with this LoRA (frozen) instead of the bare base "
+                                              "(iterative DPO's previous policy). The NCP encoder stays the bare base.")
     resolution: int | None = option(None, "Training resolution in pixels (square); default 512, or the latent "
                                           "cache's own (--data from `ncppo data cache`).")
     crop: str = option("center", "Crop after resizing the shorter side.", choices=("center", "random"))
@@ -198,3 +202,6 @@ class TrainConfig:
             raise ConfigError(f"--logit-std must be > 0, got {self.logit_std}")
         if self.flow_shift is not None and not self.flow_shift > 0:
             raise ConfigError(f"--flow-shift must be > 0, got {self.flow_shift}")
+        for name in ("init_lora", "reference_lora"):
+            if getattr(self, name) and self.finetune != "lora":
+                raise ConfigError(f"--{name.replace('_', '-')} needs --finetune lora")

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -257,19 +258,33 @@ def _level_sampling(config: TrainConfig, adapter):
 
 def _trainable_unet(adapter, config: TrainConfig, weight_dtype, device):
     """(the denoiser to train (U-Net or DiT), the frozen Reference that is also the NCP encoder)."""
-    from ..lora import adapters_disabled
+    from ..lora import REFERENCE_ADAPTER, adapters_disabled, load_lora_into, only_adapter
 
     unet = adapter.unet
     if config.finetune == "lora":
         from peft import LoraConfig
 
-        unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank,
-                                    init_lora_weights="gaussian",
-                                    target_modules=list(config.lora_targets or adapter.default_lora_targets)))
+        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank,
+                          init_lora_weights="gaussian",
+                          target_modules=list(config.lora_targets or adapter.default_lora_targets))
+        unet.add_adapter(lora)
+        if config.init_lora:  # continue a LoRA (an on-policy round starts from the previous one)
+            load_lora_into(unet, config.init_lora, pipeline_class=adapter.pipeline_class,
+                           component=adapter.lora_component)
+        base = Reference(unet, lambda: adapters_disabled(unet))
+        if config.reference_lora:  # the reference is base + a frozen LoRA; the NCP encoder stays the base
+            with warnings.catch_warnings():  # peft warns about a second adapter: wanted here
+                warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+                unet.add_adapter(lora, adapter_name=REFERENCE_ADAPTER)
+            load_lora_into(unet, config.reference_lora, pipeline_class=adapter.pipeline_class,
+                           component=adapter.lora_component, adapter_name=REFERENCE_ADAPTER)
+            unet.set_adapter("default")  # add_adapter activated the new one; peft freezes the others
+            base = Reference(unet, lambda: only_adapter(unet, REFERENCE_ADAPTER),
+                             encoder_context=lambda: adapters_disabled(unet))
         for p in unet.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # LoRA weights train in fp32 even when the base is fp16/bf16
-        return unet, Reference(unet, lambda: adapters_disabled(unet))
+        return unet, base
     # Full fine-tune: a separate frozen reference (loaded again, not deep-copied from a training module).
     reference = adapter.load_denoiser(weight_dtype).to(device)
     unet.to(torch.float32).requires_grad_(True)

@@ -24,14 +24,21 @@ class Reference:
 
     With LoRA, `unet` is the trained network itself and `context` disables its adapters; with a
     full fine-tune, `unet` is a separate frozen copy and `context` is None. The same frozen
-    network is the NCP encoder.
+    network is the NCP encoder; with `--reference-lora` the reference is a frozen second adapter
+    (`context` makes it the only active one) and `encoder_context` keeps the encoder the bare base.
     """
 
     unet: torch.nn.Module
     context: Callable[[], object] | None = None
+    encoder_context: Callable[[], object] | None = None  # the NCP encoder's, when not the reference's
 
     def frozen(self):
         return self.context() if self.context else nullcontext()
+
+    @property
+    def encoder(self) -> Callable[[], object] | None:
+        """How the network runs as the frozen NCP encoder (the bare base with LoRA)."""
+        return self.encoder_context or self.context
 
 
 def pair_batch_latents(adapter: ModelAdapter, batch: dict) -> torch.Tensor:
@@ -82,7 +89,7 @@ def preference_step(adapter: ModelAdapter, policy: torch.nn.Module, reference: R
         with torch.no_grad(), reference.frozen():
             reference_pred = adapter.predict(reference.unet, x_t.to(dtype), timesteps, inputs, process)
 
-    perception = adapter.perception(reference.unet, inputs, ncp, process, reference.context) if space == "ncp" else None
+    perception = adapter.perception(reference.unet, inputs, ncp, process, reference.encoder) if space == "ncp" else None
     policy_err, reference_err = compute_errors(
         space, process=process, perception=perception, x0=x0, x_t=x_t, noise=noise, timesteps=timesteps,
         policy_pred=policy_pred, reference_pred=reference_pred, config=ncp, generator=generator)
