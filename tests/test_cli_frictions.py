@@ -60,3 +60,35 @@ def test_help_names_every_family_and_subcommand_help_lines_share_one_style(capsy
         pass
     description = " ".join(capsys.readouterr().out.split())
     assert "SDXL, SD3/SD3.5 or FLUX.1 pipeline" in description
+
+
+BAD_FLAGS = [
+    (["train", "--space", "foo"], "ncppo train", "argument --space: invalid choice: 'foo'"),
+    (["train", "--learning-rate", "abc"], "ncppo train", "argument --learning-rate: invalid float value: 'abc'"),
+    (["train", "--gradient-checkpointing", "maybe"], "ncppo train", "expected true/false, got 'maybe'"),
+    (["train", "--bogus", "1"], "ncppo train", "unrecognized arguments: --bogus 1"),
+    (["sample", "--steps", "x"], "ncppo sample", "argument --steps: invalid int value: 'x'"),
+    (["score", "--dtype", "int8"], "ncppo score", "argument --dtype: invalid choice: 'int8'"),
+    (["data", "check", "pairs", "--nope"], "ncppo data check", "unrecognized arguments: --nope"),
+    (["data", "check"], "ncppo data check", "the following arguments are required: DATA"),
+    (["toy", "data", "--pairs", "many"], "ncppo toy data", "argument --pairs: invalid int value: 'many'"),
+    (["sbs", "serve", "a", "b", "--port", "x"], "ncppo sbs serve", "argument --port: invalid int value: 'x'"),
+    (["export", "--format", "ckpt"], "ncppo export", "argument --format: invalid choice: 'ckpt'"),
+    (["trian"], "ncppo", "argument COMMAND: invalid choice: 'trian'"),
+]
+
+
+def test_a_bad_flag_is_one_error_line_naming_the_command_and_its_help(capsys):
+    """No usage block: exactly `ncppo <command>: error: <argparse's message>; see ncppo <command> --help`, exit 2."""
+    for argv, prog, message in BAD_FLAGS:
+        capsys.readouterr()
+        try:
+            main(argv)
+            raise AssertionError(f"{argv} did not fail")
+        except SystemExit as stop:
+            assert stop.code == 2, argv
+        captured = capsys.readouterr()
+        lines = captured.err.splitlines()
+        assert captured.out == "" and len(lines) == 1, (argv, captured.err)
+        assert lines[0].startswith(f"{prog}: error: ") and message in lines[0], (argv, lines[0])
+        assert lines[0].endswith(f"; see {prog} --help"), (argv, lines[0])

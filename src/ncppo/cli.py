@@ -31,8 +31,31 @@ COMMAND_MODULES = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors (a bad flag value, an unknown flag) are one line,
+    `ncppo <command>: error: <message>; see ncppo <command> --help`, exit code 2, without the usage
+    block. Subcommand parsers inherit the class (argparse makes them of the parent's type); an
+    unknown flag is reported by the (sub)command it was given to, not by `ncppo`."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}; see {self.prog} --help\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and not hasattr(namespace, "_extras_parser"):  # the innermost parser returns first
+            namespace._extras_parser = self
+        return namespace, extras
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        owner = vars(namespace).pop("_extras_parser", self)
+        if extras:
+            owner.error("unrecognized arguments: " + " ".join(extras))
+        return namespace
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ncppo",
         description="Preference alignment of text-to-image diffusion models in latent and "
         "noise-conditioned perceptual (NCP) space.",
