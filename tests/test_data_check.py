@@ -23,7 +23,7 @@ LONG = " ".join(["word"] * 80)
 # row: (caption, jpg_0, jpg_1, label_0, label_1) -> the defect planted in it
 ROWS = [
     ("a red cat", RED, BLUE, 1.0, 0.0),                       # 0 clean
-    ("a cat", RED, BLUE, 0.7, 0.3),                           # 1 bad_label
+    ("a cat", RED, BLUE, 1.7, -0.7),                          # 1 bad_label (outside [0, 1])
     ("a dog", b"\x89PNG\r\n\x1a\n garbage", BLUE, 1.0, 0.0),  # 2 undecodable_image
     ("a dog", RED, b"", 0.0, 1.0),                            # 3 empty_image
     ("a tree", RED, GREEN, 0.5, 0.5),                         # 4 tie
@@ -79,7 +79,8 @@ def test_every_planted_defect_is_found_by_row(defects_parquet):
     assert report.error_rows == 3 and report.error_rate == pytest.approx(3 / 14)
     assert report.modes == {"RGB": 23, "RGBA": 1, "L": 1, "CMYK": 1}  # 28 images - 1 garbage - 1 empty
     assert report.short_side == {"0-255": 25, "512-767": 1}
-    assert report.labels == {"0.0": 3, "0.5": 1, "0.7": 1, "1.0": 9}
+    assert report.labels == {"0.0": 3, "0.5": 1, "1.7": 1, "1.0": 9}
+    assert report.soft_labels == 0
     assert [e["row"] for e in report.first_errors()] == [1, 2, 3]
 
 
@@ -104,7 +105,7 @@ def test_cli_exit_status_json_and_first_rows(defects_parquet, tmp_path, capsys):
     status = main(["data", "check", str(defects_parquet), "--json", str(out), "--max-error-rate", "0.1"])
     assert status == 1
     err = capsys.readouterr().err
-    assert "3 of 14 rows" in err and "row 1: label_0 0.7" in err and "row 2: image 0 cannot be decoded" in err
+    assert "3 of 14 rows" in err and "row 1: label_0 1.7 is not a number in [0, 1]" in err and "row 2: image 0 cannot be decoded" in err
     report = json.loads(out.read_text())
     assert report["errors"] == {"bad_label": 1, "undecodable_image": 1, "empty_image": 1, "missing_image": 0}
     assert report["warnings"]["unusual_mode"] == 3

@@ -25,7 +25,7 @@ ROWS = [
     ("p3", "k", "l", 0.5),  # 8  tie only
     ("p4", "a", "n", 1.0),  # 9  a > n          (a lost under p1 but is absolute under p4)
     ("p1", "d", "c", 0.0),  # 10 c > d again: a duplicate of row 2 with the images swapped
-    ("p2", "h", "e", 0.3),  # 11 bad label: dropped
+    ("p2", "h", "e", 1.3),  # 11 bad label (outside [0, 1]): dropped
 ]
 # Tallies (row 11 ignored): p1 a 0/1/0, b 1/1/0, c 3/0/0, d 0/2/0; p2 e 1/0/1, f 0/2/0, g 0/0/1,
 # h 1/0/0; p3 i 1/1/0, j 1/1/0, k, l ties; p4 a 1/0/0, n 0/1/0. Absolute winners: p1 c, p2 h, p4 a.
@@ -186,7 +186,7 @@ def test_missing_files_null_images_and_blank_label_1_are_skipped_counted_and_nam
     (tmp_path / "l1.csv").write_text("caption,label_0,label_1,image_0,image_1\nx,1,,a.png,b.png\ny,0,1,b.png,c.png\n")
     stats = curate(tmp_path / "l1.csv", tmp_path / "o3", rule="none", progress=False)
     assert stats["rows_after"] == 1 and stats["bad_rows"] == 1
-    assert stats["bad_row_examples"] == [{"row": 0, "detail": "label_1 '' is not 0, 0.5 or 1"}]
+    assert stats["bad_row_examples"] == [{"row": 0, "detail": "label_1 '' is not a number in [0, 1]"}]
     # a null image in a bytes source without uids: its identity cannot be taken
     rows = [{"caption": "p", "jpg_0": _png("red"), "jpg_1": None, "label_0": 1.0},
             {"caption": "p", "jpg_0": _png("red"), "jpg_1": _png("blue"), "label_0": 1.0}]

@@ -135,11 +135,11 @@ def test_missing_columns_name_the_file_the_column_and_what_was_found(pair_rows, 
 
 def test_labels_outside_the_valid_set_are_dropped_and_counted(pair_rows, tmp_path):
     rows = [dict(r) for r in pair_rows]
-    rows[0]["label_0"] = 0.7
+    rows[0]["label_0"] = 1.7
     rows[5]["label_0"] = None
     _write_parquet(rows, tmp_path / "labels.parquet")
     table = open_pairs(tmp_path / "labels.parquet")
-    with pytest.raises(BadRowError, match="row 0: label_0 0.7 is not one of 0, 0.5, 1"):
+    with pytest.raises(BadRowError, match=r"row 0: label_0 1.7 is not a number in \[0, 1\]"):
         table.load(0)
     ds = PreferenceDataset(table, 16)
     assert ds.stats["bad_labels"] == 2 and ds.stats["bad_label_rows"] == [0, 5]

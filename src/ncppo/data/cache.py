@@ -2,7 +2,8 @@
 
 Layout of a cache folder:
   cache_info.json                 format tag, model, resolution, latent shape, options, counts (written last)
-  index.parquet                   one row per pair in dataset order: position, row, caption, label,
+  index.parquet                   one row per pair in dataset order: position, row, caption, label
+                                  (the oriented p = max(label_0, 1 - label_0), 0.5 for a tie),
                                   shard, offset, original_sizes, crops_top_left(_flipped)
   shard-p<rank>-<k>.safetensors   latents (n,2,C,h,w) winner first [, latents_flipped]
                                   [, encoder_hidden_states (n,L,D)] [, pooled_prompt_embeds (n,D)]
@@ -278,7 +279,9 @@ class LatentCacheDataset(torch.utils.data.Dataset):
         labels = np.asarray(index["label"], dtype=np.float64)
         keep = np.flatnonzero(labels != 0.5) if not keep_ties else np.arange(len(labels))
         self.index = {k: [v[i] for i in keep] for k, v in index.items()}
+        kept = labels[keep]
         self.stats = {"pairs": len(keep), "ties_dropped": int(len(labels) - len(keep)),
+                      "soft_labels": int(((kept > 0.5) & (kept < 1)).sum()),
                       "skipped_when_cached": len(self.info.get("skipped", [])), "cache": str(self.path),
                       "model": self.info.get("model"), "resolution": self.resolution}
         self._handles: dict[str, Any] = {}

@@ -1,6 +1,7 @@
 """`ncppo data check`: one streaming pass over a pair source that counts what training would trip on.
 
-Errors (rows training cannot use): bad or missing label_0, undecodable/empty/missing images.
+Errors (rows training cannot use): missing label_0 or one outside [0, 1], undecodable/empty/missing
+images (soft labels strictly between 0 and 1 are valid: counted in `soft_labels`, not flagged).
 Warnings (usable rows worth a look): ties, unusual image modes, empty or over-long captions,
 duplicate pairs, a pair showing the same image twice, label_1 != 1 - label_0, images smaller than
 the training resolution. Training applies the same per-row checks lazily (skip and count).
@@ -17,7 +18,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..configs import option
-from .pairs import BadRowError, PairTable, open_pairs, parse_label
+from .pairs import BadRowError, PairTable, is_soft_label, open_pairs, parse_label
 
 ERROR_KINDS = ("bad_label", "undecodable_image", "empty_image", "missing_image")
 WARNING_KINDS = ("tie", "unusual_mode", "empty_caption", "long_caption", "duplicate_pair", "same_image_twice",
@@ -47,7 +48,8 @@ class CheckReport:
     modes: dict[str, int] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)  # most common "WxH"
     short_side: dict[str, int] = field(default_factory=dict)  # histogram of min(h, w)
-    labels: dict[str, int] = field(default_factory=dict)
+    labels: dict[str, int] = field(default_factory=dict)  # hard values; soft ones in two bins (see SOFT_BINS)
+    soft_labels: int = 0  # valid labels other than 0, 0.5, 1
 
     @property
     def error_rate(self) -> float:
@@ -61,6 +63,7 @@ class CheckReport:
         return {"source": self.source, "rows": self.rows, "prompts": self.prompts, "error_rows": self.error_rows,
                 "error_rate": self.error_rate, "errors": {k: self.counts[k] for k in ERROR_KINDS},
                 "warnings": {k: self.counts[k] for k in WARNING_KINDS}, "labels": self.labels,
+                "soft_labels": self.soft_labels,
                 "modes": self.modes, "sizes": self.sizes, "short_side": self.short_side, "examples": self.examples}
 
     def summary(self) -> str:
@@ -71,6 +74,8 @@ class CheckReport:
                 if self.counts[k]:
                     rows = ", ".join(str(e["row"]) for e in self.examples.get(k, [])[:5])
                     lines.append(f"  {title[:-1]:7s} {k:18s} {self.counts[k]:8d}   e.g. rows {rows}")
+        if self.soft_labels:
+            lines.append(f"  soft labels (in (0, 1), trained as conservative targets): {self.soft_labels}")
         lines.append("  modes: " + ", ".join(f"{m} {n}" for m, n in self.modes.items()))
         lines.append("  shorter side: " + ", ".join(f"{b} {n}" for b, n in self.short_side.items()))
         lines.append("  sizes (top): " + ", ".join(f"{s} {n}" for s, n in list(self.sizes.items())[:8]))
@@ -78,6 +83,7 @@ class CheckReport:
 
 
 SHORT_SIDE_BINS = (0, 256, 512, 768, 1024)
+SOFT_BINS = ("soft (0, 0.5)", "soft (0.5, 1)")  # label counts of soft labels: image 1 / image 0 preferred
 
 
 def _bin(short: int) -> str:
@@ -117,9 +123,13 @@ def check_pairs(source: str | PairTable, *, split: str = "train", image_dir: str
             caption = "" if values[table.caption_column] is None else str(values[table.caption_column])
             prompts.add(caption)
             label = parse_label(values["label_0"])
-            labels[str(label if label is not None else values["label_0"])] += 1
+            if is_soft_label(label):
+                report.soft_labels += 1
+                labels[SOFT_BINS[label > 0.5]] += 1
+            else:
+                labels[str(label if label is not None else values["label_0"])] += 1
             if label is None:
-                note("bad_label", row, f"label_0 {values['label_0']!r} is not one of 0, 0.5, 1")
+                note("bad_label", row, f"label_0 {values['label_0']!r} is not a number in [0, 1]")
                 has_error = True
             elif label == 0.5:
                 note("tie", row, "label_0 0.5")
@@ -165,8 +175,8 @@ def check_pairs(source: str | PairTable, *, split: str = "train", image_dir: str
                 if digests[0] == digests[1]:
                     note("same_image_twice", row, "image 0 and image 1 are byte-identical")
                 # the same comparison with the images swapped and the label flipped is a duplicate too
-                if label in (0.0, 1.0):
-                    key = (caption, *(digests if label == 1.0 else digests[::-1]), "win")
+                if label is not None and label != 0.5:
+                    key = (caption, *(digests if label > 0.5 else digests[::-1]), round(max(label, 1 - label), 6))
                 else:
                     key = (caption, *sorted(digests), label)
                 if key in seen_pairs:

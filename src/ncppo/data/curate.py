@@ -2,15 +2,17 @@
 
 Rules (METHOD.md section 4):
   * absolute-winners: per prompt, an image is an absolute winner when, over all that prompt's
-    comparisons, it has >= 1 win, 0 losses and 0 ties. Which pairs are then kept (`--pairs`):
+    comparisons, it has >= 1 win, 0 losses and 0 ties (a soft label > 0.5 is a win of image 0,
+    < 0.5 a win of image 1, 0.5 a tie). Which pairs are then kept (`--pairs`):
       direct              every pair whose winner is an absolute winner ("winner vs its losers"; default)
       latest              only the last such pair (in row order) of each absolute winner
       add-loser-losers    direct + the pairs in which a loser of an absolute winner beat another image
       add-losers-of-loser direct + new pairs (absolute winner, an image its loser beat), written winner first
-  * drop-ties: every pair with label 0 or 1.
+  * drop-ties: every pair with a label other than 0.5.
   * none: every pair with a valid label (with --dedupe: only removes duplicates).
 Images are identified by their uid columns when present, else by their path, else by a hash of
-their bytes. Rows with a label outside {0, 0.5, 1} are dropped and counted.
+their bytes. Rows with a label missing or outside [0, 1] are dropped and counted; kept rows keep
+their label values (soft ones too).
 
 Two streaming passes, so data larger than memory works: pass 1 keeps per-image tallies (about
 150 bytes per distinct image; the add-* variants also keep the win graph, ~100 bytes per pair);
@@ -90,16 +92,17 @@ class _Row:
 
     @property
     def winner(self) -> bytes:
-        return self.keys[0] if self.label == 1.0 else self.keys[1]
+        return self.keys[0] if self.label > 0.5 else self.keys[1]
 
     @property
     def loser(self) -> bytes:
-        return self.keys[1] if self.label == 1.0 else self.keys[0]
+        return self.keys[1] if self.label > 0.5 else self.keys[0]
 
     def comparison(self) -> tuple:
+        """The outcome: who won, and with which probability (so 0.8 and 1 are different outcomes)."""
         if self.label == 0.5:
             return (self.caption, "tie", *sorted(self.keys))
-        return (self.caption, self.winner, self.loser)
+        return (self.caption, self.winner, self.loser, round(max(self.label, 1 - self.label), 6))
 
 
 class _Curator:
@@ -131,7 +134,7 @@ class _Curator:
     def _check(self, row: int, values: dict) -> tuple[bytes, bytes] | None:
         """The image keys of a row (None when not needed); BadRowError for a row that cannot be used."""
         if "label_1" in values and values["label_1"] is not None and parse_label(values["label_1"]) is None:
-            raise BadRowError(row, self.table.source, f"label_1 {values['label_1']!r} is not 0, 0.5 or 1")
+            raise BadRowError(row, self.table.source, f"label_1 {values['label_1']!r} is not a number in [0, 1]")
         if self.path_based:
             for k in (0, 1):
                 value = values[self.table.image_columns[k]]

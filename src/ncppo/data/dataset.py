@@ -1,5 +1,11 @@
 """The training dataset: oriented pairs (winner first), ties dropped, bad rows skipped and named.
 
+Labels: `label_0` is the probability that image 0 is preferred, in [0, 1]. A pair is oriented so
+its first image is the more preferred one (label_0 < 0.5 swaps the images) and its item `label` is
+p = max(label_0, 1 - label_0) in (0.5, 1], the probability the loss gives the first image (1 for
+hard labels). A kept tie (0.5) keeps image 0 first with `label` 0.5, and its loss target stays 1
+(`collate_pairs`' `labels`): ties train as a hard win of image 0, as before soft labels.
+
 Random crops and flips are drawn from a generator seeded by (seed, epoch, index), so an item does
 not depend on the number of DataLoader workers or on what was read before it: resume is exact.
 """
@@ -19,8 +25,9 @@ from .transforms import prepare_image
 class PreferenceDataset(torch.utils.data.Dataset):
     """Pairs of `table` as training items (see `__getitem__`).
 
-    Ties (label 0.5) are dropped unless `keep_ties`; rows whose label is not 0, 0.5 or 1 are dropped
-    up front. Both counts are in `stats`. A row that fails to decode is replaced by the next good
+    Ties (label 0.5) are dropped unless `keep_ties`; rows whose label is missing or outside [0, 1]
+    are dropped up front. Both counts are in `stats`, with `soft_labels` (kept labels other than 0,
+    0.5 and 1). A row that fails to decode is replaced by the next good
     row (deterministically) and reported in the item's `skipped` list as (row, reason).
     """
 
@@ -47,6 +54,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
             "ties_dropped": int(0 if self.keep_ties else ties.sum()),
             "bad_labels": int(bad.sum()),
             "bad_label_rows": [int(r) for r in np.flatnonzero(bad)[:20]],
+            "soft_labels": int(((self.labels > 0) & (self.labels < 1) & (self.labels != 0.5)).sum()),
         }
         if len(self.indices) == 0:
             raise InputError(f"{table.source}: no usable pairs ({self.stats['rows']} rows, "
@@ -63,7 +71,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
         return np.random.default_rng([self.seed, self.epoch, int(index)])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        """{pixel_values (2,3,R,R) in [-1,1] winner first, caption, label (1.0, or 0.5 for a kept tie),
+        """{pixel_values (2,3,R,R) in [-1,1] winner first, caption, label (p in (0.5, 1], the probability
+        that the first image is preferred; 0.5 for a kept tie),
         original_sizes (2,2) (h, w), crops_top_left (2,2) (top, left), row, skipped}."""
         n = len(self)
         skipped: list[tuple[int, str]] = []
@@ -82,8 +91,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     def make_item(self, record: PairRecord, rng: np.random.Generator | None = None) -> dict[str, Any]:
         """Orient a decoded pair (winner first) and transform both images (crop/flip from `rng`)."""
-        if record.label_0 == 0.0:
-            images, label = (record.image_1, record.image_0), 1.0
+        if record.label_0 < 0.5:
+            images, label = (record.image_1, record.image_0), 1.0 - float(record.label_0)
         else:
             images, label = (record.image_0, record.image_1), float(record.label_0)
         crop_fraction, flip = None, False
@@ -123,8 +132,15 @@ _STACKED = ("pixel_values", "latents", "latents_flipped", "original_sizes", "cro
             "encoder_hidden_states", "pooled_prompt_embeds")
 
 
+def loss_target(label: float) -> float:
+    """The probability the loss gives an item's first image: its `label`, but 1 for a kept tie
+    (0.5), which trains as a win of image 0."""
+    return 1.0 if label == 0.5 else float(label)
+
+
 def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack items: pixel_values (B,2,3,R,R) or latents (B,2,C,h,w), captions, labels (B,),
+    """Stack items: pixel_values (B,2,3,R,R) or latents (B,2,C,h,w), captions, labels (B,) (the loss
+    targets: each item's `label`, 1 for a kept tie; see `loss_target`),
     original_sizes (B,2,2), crops_top_left (B,2,2), rows, skipped (all items' bad rows); with cached
     text embeddings also `conditioning` (a models.Conditioning)."""
     if not items:
@@ -138,7 +154,7 @@ def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
 
         batch["conditioning"] = Conditioning(batch["encoder_hidden_states"], batch.get("pooled_prompt_embeds"))
     batch["captions"] = [it["caption"] for it in items]
-    batch["labels"] = torch.tensor([float(it.get("label", 1.0)) for it in items], dtype=torch.float32)
+    batch["labels"] = torch.tensor([loss_target(it.get("label", 1.0)) for it in items], dtype=torch.float32)
     batch["rows"] = [it["row"] for it in items]
     batch["skipped"] = [s for it in items for s in it.get("skipped", [])]
     return batch

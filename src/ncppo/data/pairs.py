@@ -8,8 +8,9 @@ Accepted sources (see docs/data.md):
   * CSV or JSONL files whose rows name two image files (`image_0_uid`/`image_1_uid` looked up as
     `<uid>.<ext>`, or `image_0`/`image_1` holding paths), resolved under an image folder.
 
-Columns: caption, label_0 (1 = image 0 preferred, 0 = image 1, 0.5 = tie) and one image column
-pair: jpg_0/jpg_1 (encoded bytes), image_0/image_1 (bytes, `datasets` Image dicts or paths), or
+Columns: caption, label_0 (the probability that image 0 is preferred, in [0, 1]: 1 = image 0, 0 =
+image 1, 0.5 = tie, anything between a soft label) and one image column pair: jpg_0/jpg_1
+(encoded bytes), image_0/image_1 (bytes, `datasets` Image dicts or paths), or
 image_0_uid/image_1_uid (file names without extension).
 """
 
@@ -30,7 +31,7 @@ from PIL import Image
 
 from ..errors import InputError, MissingInputError
 
-VALID_LABELS = (0.0, 0.5, 1.0)
+VALID_LABELS = (0.0, 0.5, 1.0)  # the hard labels (and the tie); any value in [0, 1] is a valid (soft) label
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_COLUMNS = ("caption", "prompt")
 LABEL_COLUMNS = ("label_0", "label_1")  # JSONL: parsed as labels; any other column is text
@@ -75,19 +76,25 @@ class PairRecord:
 # per-value helpers (shared by the dataset, `data check` and `data curate`)
 
 def parse_label(value: Any) -> float | None:
-    """The label as a float in {0, 0.5, 1}, or None when it is missing or outside that set."""
+    """The label as a float in [0, 1] (within 1e-6 of 0, 0.5 or 1: exactly that), or None when it is
+    missing, not a number, or outside [0, 1]."""
     if value is None or isinstance(value, (bytes, bytearray)):
         return None
     try:
         label = float(value)
     except (TypeError, ValueError):
         return None
-    if math.isnan(label):
+    if not math.isfinite(label):
         return None
     for v in VALID_LABELS:
         if abs(label - v) < 1e-6:
             return v
-    return None
+    return label if 0.0 < label < 1.0 else None
+
+
+def is_soft_label(label: float | None) -> bool:
+    """A valid label other than 0, 0.5 and 1."""
+    return label is not None and label not in VALID_LABELS
 
 
 def open_image(data: bytes) -> Image.Image:
@@ -306,7 +313,7 @@ class PairTable:
                                   f"accepted); found columns: {found}")
         if "label_0" not in names:
             raise PairSchemaError(f"{self.source}: missing column 'label_0' (1 = image 0 preferred, 0 = image 1, "
-                                  f"0.5 = tie); found columns: {found}")
+                                  f"0.5 = tie, soft labels in between); found columns: {found}")
         pair = next(((a, b, kind) for a, b, kind in IMAGE_COLUMN_PAIRS if a in names and b in names), None)
         if pair is None:
             raise PairSchemaError(f"{self.source}: missing image columns: need jpg_0/jpg_1 (encoded bytes), "
@@ -352,7 +359,7 @@ class PairTable:
                         *(None if u is None else str(u) for u in uids))
 
     def labels(self) -> np.ndarray:
-        """label_0 of every row as float64 (NaN where missing or outside {0, 0.5, 1})."""
+        """label_0 of every row as float64 (NaN where missing or outside [0, 1])."""
         raw = self._b.column("label_0")
         return np.array([np.nan if (v := parse_label(x)) is None else v for x in raw], dtype=np.float64)
 
@@ -377,7 +384,7 @@ class PairTable:
         """Validate a row given as {column: raw value} (from `load` or `iter_batches`)."""
         meta = self._meta_from(row, values)
         if meta.label_0 is None:
-            raise BadRowError(row, self.source, f"label_0 {values.get('label_0')!r} is not one of 0, 0.5, 1")
+            raise BadRowError(row, self.source, f"label_0 {values.get('label_0')!r} is not a number in [0, 1]")
         images = [to_rgb(self.decode(row, k, values[self.image_columns[k]])) for k in (0, 1)]
         return PairRecord(row, meta.caption, images[0], images[1], meta.label_0)
 
