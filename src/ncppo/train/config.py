@@ -39,6 +39,10 @@ class TrainConfig:
     beta_normalize_batches: int = option(8, "Micro-steps (each all processes together) whose errors set the --beta-normalize scale.")
     cpo_lambda: float = option(0.0, "CPO: weight of the winner-error (SFT) term of eq. 19; 0 drops it.")
     orpo_lambda: float = option(0.1, "ORPO: weight of the odds-ratio term beside the winner's error.")
+    label_smoothing: float = option(0.0, "Label smoothing eps in [0, 0.5): the probability p that a pair's winner is "
+                                         "preferred (1 for hard labels, max(label_0, 1 - label_0) for soft ones) "
+                                         "becomes p (1 - eps) + (1 - p) eps, so hard labels train toward 1 - eps "
+                                         "(conservative DPO; every objective's pairwise term, see docs/library.md).")
     timestep_mode: str = option("t-1", "NCP: where the encoder looks: t-1 (one DDPM posterior step), uniform "
                                    "(x0-hat re-noised at a fresh t'), same (re-noised at t).",
                             choices=("t-1", "uniform", "same"))
@@ -89,7 +93,7 @@ class TrainConfig:
                                           "cache's own (--data from `ncppo data cache`).")
     crop: str = option("center", "Crop after resizing the shorter side.", choices=("center", "random"))
     hflip: bool = option(False, "Random horizontal flips (per pair, both images).")
-    keep_ties: bool = option(False, "Keep label 0.5 pairs (winner chosen as image 0). Dropped and counted by default.")
+    keep_ties: bool = option(False, "Keep label 0.5 pairs (trained as a win of image 0). Dropped and counted by default.")
     max_train_samples: int | None = option(None, "Use only the first N pairs (after dropping ties).")
     dataloader_num_workers: int = option(0, "DataLoader worker processes.")
 
@@ -173,6 +177,8 @@ class TrainConfig:
         for name in ("cpo_lambda", "orpo_lambda"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
         for name in ("max_grad_norm", "adam_epsilon", "weight_decay", "guidance_scale"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")

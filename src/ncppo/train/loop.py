@@ -162,7 +162,7 @@ def train(config: TrainConfig) -> TrainResult:
             with accelerator.accumulate(unet), accelerator.autocast():
                 out_step = preference_step(adapter, unet, reference, batch, objective=config.objective,
                                            space=config.space, beta=config.beta, cpo_lambda=config.cpo_lambda,
-                                           orpo_lambda=config.orpo_lambda,
+                                           orpo_lambda=config.orpo_lambda, label_smoothing=config.label_smoothing,
                                            ncp=ncp, generator=generator, resolution=resolution,
                                            beta_scale=beta_scale, process=process)
                 if beta_scale is not None:

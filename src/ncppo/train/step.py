@@ -59,13 +59,14 @@ def winners_then_losers(x: torch.Tensor) -> torch.Tensor:
 def preference_step(adapter: ModelAdapter, policy: torch.nn.Module, reference: Reference, batch: dict, *,
                     objective: str, space: str, beta: float, cpo_lambda: float, orpo_lambda: float, ncp: NCPConfig,
                     generator: torch.Generator, resolution: int, beta_scale: BetaScale | None = None,
-                    process=None) -> LossOutput:
+                    process=None, label_smoothing: float = 0.0) -> LossOutput:
     """Loss and metrics of one micro-batch of B pairs (the policy forward keeps the graph).
 
     `process` is the noise process (``adapter.noise_process(...)``; default the adapter's with its
     default level sampling). With `beta_scale` (--beta-normalize) the objective uses beta / the frozen
     mean reference error (the policy's own, detached, for reference-free objectives); metric
-    `beta_effective`."""
+    `beta_effective`. The batch's `labels` (the probability that each pair's first image is
+    preferred; none: 1) and `label_smoothing` set the objective's targets."""
     device = adapter.device
     x0 = pair_batch_latents(adapter, batch)
     b = x0.shape[0] // 2
@@ -96,7 +97,7 @@ def preference_step(adapter: ModelAdapter, policy: torch.nn.Module, reference: R
     if beta_scale is not None:
         beta = beta / beta_scale.observe(reference_err if reference_err is not None else policy_err)
     out = preference_loss(policy_err, reference_err, objective=objective, beta=beta, cpo_lambda=cpo_lambda,
-                          orpo_lambda=orpo_lambda)
+                          orpo_lambda=orpo_lambda, labels=batch.get("labels"), label_smoothing=label_smoothing)
     if beta_scale is not None:
         out.metrics["beta_effective"] = torch.as_tensor(beta, dtype=torch.float32, device=out.loss.device).detach()
     return out
