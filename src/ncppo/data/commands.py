@@ -1,4 +1,4 @@
-"""`ncppo data check | curate | cache`: parse flags/YAML into each tool's config and run it."""
+"""`ncppo data check | curate | cache | generate`: parse flags/YAML into each tool's config and run it."""
 
 from __future__ import annotations
 
@@ -15,12 +15,15 @@ TOOLS = {
                "Filter pairs (absolute winners, drop ties, dedupe) into a new parquet dataset."),
     "cache": ("ncppo.data.cache", "CacheConfig", "run_cache",
               "Precompute VAE latents (and optionally text embeddings) of every pair for training."),
+    "generate": ("ncppo.data.generate", "GenerateConfig", "run_command",
+                 "Make pairs from a model's own samples: K candidates per prompt, labelled by reward models."),
 }
 
 
 def register(subparsers) -> None:
-    data = subparsers.add_parser("data", help="Pair data tools: check, curate, cache.",
-                                 description="Pair data tools. Each reads any source `ncppo train --data` accepts.")
+    data = subparsers.add_parser("data", help="Pair data tools: check, curate, cache, generate.",
+                                 description="Pair data tools. check, curate and cache read any source `ncppo train "
+                                             "--data` accepts; generate writes one from a model's own samples.")
     tools = data.add_subparsers(dest="data_command", metavar="TOOL")
     for name, (module, cls_name, _, help_text) in TOOLS.items():
         if importlib.util.find_spec(module) is None:
@@ -28,7 +31,8 @@ def register(subparsers) -> None:
         cls = getattr(importlib.import_module(module), cls_name)
         parser = tools.add_parser(name, help=help_text, description=help_text + " Flags override the YAML file "
                                   "given with --config (its keys are the flag names).")
-        parser.add_argument("data", metavar="DATA", help=cls.__dataclass_fields__["data"].metadata["help"])
+        if "data" in cls.__dataclass_fields__:  # the tools that read a pair source take it first
+            parser.add_argument("data", metavar="DATA", help=cls.__dataclass_fields__["data"].metadata["help"])
         parser.add_argument("--config", metavar="YAML", help="YAML file of flag values (CLI flags override it).")
         add_dataclass_arguments(parser, cls)
         parser.set_defaults(func=_runner(name))

@@ -184,10 +184,11 @@ def set_scheduler(pipeline, name: str) -> None:
 
 def load_pipeline(model: str, *, lora: str | None = None, lora_scale: float = 1.0, unet: str | None = None,
                   scheduler: str = "default", dtype: torch.dtype = torch.float32, device="cpu",
-                  revision: str | None = None, variant: str | None = None):
+                  revision: str | None = None, variant: str | None = None, vae: str | None = None):
     """`DiffusionPipeline.from_pretrained(model)` (SD, SDXL, SD3, FLUX), with an optional full fine-tuned
     denoiser folder (`unet`: a U-Net or DiT folder, or its parent holding `unet/` or `transformer/`) and an
-    optional LoRA file or folder loaded with `pipe.load_lora_weights` at `lora_scale`. A LoRA none of whose
+    optional LoRA file or folder loaded with `pipe.load_lora_weights` at `lora_scale`, and an optional
+    separate `vae` (hub id or folder, as `train --vae`). A LoRA none of whose
     keys reaches the denoiser (U-Net or transformer) is an error, not a silent sample of the base model.
     Text encoders the pipeline was saved without (SD3's `text_encoder_3=None`) stay None."""
     import diffusers
@@ -195,8 +196,15 @@ def load_pipeline(model: str, *, lora: str | None = None, lora_scale: float = 1.
 
     from ..models import check_pipeline_folder, looks_like_path
 
-    check_pipeline_folder(model, flag="--model")
+    check_pipeline_folder(model, flag="--model", vae=vae)
     kwargs = _saved_without(model, revision)
+    if vae:
+        from ..models.base import load_vae
+
+        try:
+            kwargs["vae"] = load_vae(vae, dtype)
+        except OSError as err:
+            raise InputError(f"--vae {vae}: cannot load ({first_line(err)})") from err
     if unet:
         unet_dir = Path(unet)
         for sub in ("unet", "transformer"):
@@ -329,6 +337,8 @@ class SampleConfig:
     lora: str | None = field(default=None, metadata={"help": "LoRA weights file or folder (pipe.load_lora_weights)"})
     lora_scale: float = field(default=1.0, metadata={"help": "LoRA strength"})
     unet: str | None = field(default=None, metadata={"help": "full fine-tuned denoiser folder replacing the base one "
+    vae: str | None = field(default=None, metadata={"help": "separate VAE (hub id or folder), e.g. the one a run "
+                                                            "was trained with (train --vae)"})
                                                              "(a run's unet/ or transformer/, or the run folder)"})
     revision: str | None = field(default=None, metadata={"help": "model revision (hub ids)"})
     variant: str | None = field(default=None, metadata={"help": "weights variant, e.g. fp16"})
@@ -370,7 +380,7 @@ class SampleConfig:
         """What determines an image besides its prompt and seed (checked when resuming). The LoRA
         counts by its content (`lora_sha256`); its path is kept for the record only."""
         keys = ("model", "lora", "lora_scale", "unet", "revision", "variant", "steps", "guidance", "scheduler",
-                "negative_prompt", "height", "width", "dtype")
+                "negative_prompt", "height", "width", "dtype", "vae")
         return {**{k: getattr(self, k) for k in keys}, "lora_sha256": lora_sha256(self.lora)}
 
 
@@ -415,12 +425,12 @@ def _image_ok(path: Path) -> bool:
         return False
 
 
-def _check_sources(config: SampleConfig) -> None:
+def check_sources(config: SampleConfig) -> None:
     """Fail on a missing model or LoRA before anything is written to --out."""
     from ..models import check_pipeline_folder, looks_like_path
 
     check_pipeline_folder(config.model, flag="--model")
-    for flag, value in (("--lora", config.lora), ("--unet", config.unet)):
+    for flag, value in (("--lora", config.lora), ("--unet", config.unet), ("--vae", config.vae)):
         if value and looks_like_path(value) and not Path(value).exists():
             raise MissingInputError(f"{flag} {value}: no such file or folder")
 
@@ -484,6 +494,15 @@ def _all_agree(state, ok: bool) -> bool:
 
 
 def run_sample(config: SampleConfig) -> Path:
+def sampling_state(device: str):
+    """accelerate's process state for sampling on `device` ("auto" or "cpu")."""
+    from accelerate import PartialState
+
+    # on a machine without GPUs, cpu=True is what makes accelerate set up gloo for several processes
+    cpu = device == "cpu" or not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    return PartialState(cpu=cpu)
+
+
     """Generate the missing images of (prompt, seed) for every prompt and seed, split across the
     accelerate processes, then write index.jsonl and the run manifest. Returns the output folder."""
     from accelerate import PartialState
@@ -491,13 +510,11 @@ def run_sample(config: SampleConfig) -> Path:
 
     from ..manifest import write_manifest
 
-    # on a machine without GPUs, cpu=True is what makes accelerate set up gloo for several processes
-    cpu = config.device == "cpu" or not (torch.cuda.is_available() or torch.backends.mps.is_available())
-    state = PartialState(cpu=cpu)
+    state = sampling_state(config.device)
     out = Path(config.out)
     prompts = read_prompts(config.prompts, column=config.prompt_column, split=config.prompt_split,
                            unique=config.unique_prompts, limit=config.max_prompts)
-    _check_sources(config)
+    check_sources(config)
     settings = config.settings()
     error = None
     hashes = [prompt_hash(p) for p in prompts]
@@ -525,7 +542,7 @@ def run_sample(config: SampleConfig) -> Path:
     if mine:
         pipe = load_pipeline(config.model, lora=config.lora, lora_scale=config.lora_scale, unet=config.unet,
                              scheduler=config.scheduler, dtype=DTYPES[config.dtype], device=state.device,
-                             revision=config.revision, variant=config.variant)
+                             revision=config.revision, variant=config.variant, vae=config.vae)
         bs = config.batch_size
         for start in tqdm(range(0, len(mine), bs), desc=f"sampling (process {state.process_index})",
                           unit="batch", disable=not state.is_local_main_process):

@@ -13,7 +13,7 @@ import torch
 from ..configs import ConfigError
 from ..errors import InputError
 from .sample import DTYPES, read_index, read_jsonl
-from .scorers import SCORERS, get_scorer, score_in_batches
+from .scorers import SCORERS, get_scorer, is_callable_spec, score_in_batches
 
 SCORES_FILE = "scores.jsonl"
 SCORES_CSV = "scores.csv"
@@ -25,7 +25,9 @@ KEY_FIELDS = ("prompt_index", "seed", "prompt", "file")
 class ScoreConfig:
     dir: str = field(metadata={"help": "sample folder (holding index.jsonl from `ncppo sample`)", "cli": False})
     scorer: list[str] = field(default_factory=lambda: ["pickscore"], metadata={
-        "help": f"scorer name(s), comma-separated; one of {', '.join(SCORERS)}"})
+        "help": f"scorer name(s), comma-separated: {', '.join(SCORERS)}, or your own reward function as "
+                "module:callable (a module on the Python path or a .py file; called as fn(images: list[PIL.Image], "
+                "prompts: list[str]) -> one float per image; see docs/evaluation.md)"})
     scorer_path: list[str] = field(default_factory=list, metadata={
         "help": "weights per scorer (file, folder or hub id), comma-separated in --scorer order; "
                 "'default' keeps a scorer's default"})
@@ -37,9 +39,10 @@ class ScoreConfig:
     dtype: str = field(default="float32", metadata={"help": "scorer weights dtype", "choices": list(DTYPES)})
 
     def validate(self) -> None:
-        unknown = [s for s in self.scorer if s not in SCORERS]
+        unknown = [s for s in self.scorer if s not in SCORERS and not is_callable_spec(s)]
         if unknown:
-            raise ConfigError(f"--scorer: unknown {unknown}; choose from {list(SCORERS)}")
+            raise ConfigError(f"--scorer: unknown {unknown}; choose from {list(SCORERS)} or name your own as "
+                              "module:callable")
         if self.scorer_path and len(self.scorer_path) != len(self.scorer):
             raise ConfigError(f"--scorer-path: give one path per scorer ({len(self.scorer)}), got {len(self.scorer_path)}")
         for opt in self.scorer_option:
@@ -79,13 +82,19 @@ def load_images(folder: Path, rows: list[dict]) -> list:
 
 
 def write_scores(folder: Path, rows: list[dict]) -> None:
-    with open(folder / SCORES_FILE, "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    """scores.jsonl and scores.csv, each written whole under a temporary name and renamed (a crash
+    leaves the previous file, never a cut one)."""
+    import io
+
+    from ..manifest import atomic_write_text
+
+    atomic_write_text(folder / SCORES_FILE, "".join(json.dumps(r) + "\n" for r in rows))
     columns = list(KEY_FIELDS) + sorted({k for r in rows for k in r} - set(KEY_FIELDS))
-    with open(folder / SCORES_CSV, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(folder / SCORES_CSV, buf.getvalue())
 
 
 def run_score(config: ScoreConfig) -> dict[str, float]:
@@ -113,7 +122,7 @@ def run_score(config: ScoreConfig) -> dict[str, float]:
         path = config.scorer_path[k] if config.scorer_path else None
         path = None if path in (None, "", "default") else path
         scorer = get_scorer(name, path, device=device, dtype=DTYPES[config.dtype],
-                            **_accepted(name, config.options()))
+                            **accepted_options(name, config.options()))
         scores = score_in_batches(scorer, images, prompts, config.batch_size, progress=True)
         for row, value in zip(rows, scores.tolist()):
             row[scorer.name] = value
@@ -128,12 +137,14 @@ def run_score(config: ScoreConfig) -> dict[str, float]:
     return means
 
 
-def _accepted(name: str, options: dict) -> dict:
+def accepted_options(name: str, options: dict) -> dict:
     """The options a scorer's constructor takes (so one --scorer-option list can serve several)."""
     import inspect
 
     from .scorers import _import
 
+    if is_callable_spec(name):
+        return {}
     params = inspect.signature(_import(SCORERS[name][0])).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return options

@@ -110,10 +110,27 @@ def judge_score(image: Image.Image, prompt: str) -> float:
     return float(sum(w * terms[k] for k, w in WEIGHTS.items()))
 
 
+# The hackable proxy: past the right size (8 px half-extent) it keeps paying for growth, up to
+# HACK_WEIGHT more at 8 + HACK_SPAN px, where the judge's own size term has fallen by ~1.
+HACK_WEIGHT = 3.0
+HACK_SPAN = 4.0
+
+
+def proxy_score(image: Image.Image, prompt: str) -> float:
+    """`toy-proxy`: the judge's score plus HACK_WEIGHT * clip((half-extent - 8) / HACK_SPAN, 0, 1).
+
+    It agrees with the judge on everything up to the right size, then over-rewards bigger shapes:
+    a reward model with a blind spot, so that maximising it past a point lowers the judge (gold)."""
+    terms = judge_terms(image, prompt)
+    oversize = float(np.clip((terms["half_extent"] - world.SIZE) / HACK_SPAN, 0.0, 1.0))
+    return float(sum(w * terms[k] for k, w in WEIGHTS.items())) + HACK_WEIGHT * oversize
+
+
 class ToyJudge:
     """The `toy-judge` scorer: `score(images, prompts) -> Tensor (N,)`, higher is better (0..10)."""
 
     name = "toy-judge"
+    function = staticmethod(judge_score)
 
     def __init__(self, path=None, device: str = "cpu", dtype=torch.float32):
         # Same constructor shape as the learned scorers; a judge has no weights, device or dtype.
@@ -121,5 +138,12 @@ class ToyJudge:
 
     def score(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
         if len(images) != len(prompts):
-            raise ValueError(f"toy-judge: {len(images)} images but {len(prompts)} prompts")
-        return torch.tensor([judge_score(im, p) for im, p in zip(images, prompts)], dtype=torch.float32)
+            raise ValueError(f"{self.name}: {len(images)} images but {len(prompts)} prompts")
+        return torch.tensor([self.function(im, p) for im, p in zip(images, prompts)], dtype=torch.float32)
+
+
+class ToyProxyJudge(ToyJudge):
+    """The `toy-proxy` scorer (`proxy_score`): the judge with a blind spot for oversized shapes (0..13)."""
+
+    name = "toy-proxy"
+    function = staticmethod(proxy_score)

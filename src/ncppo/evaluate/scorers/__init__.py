@@ -4,6 +4,11 @@ dtype=torch.float32, **options) -> Scorer` with `.name` and
 
 Scorers are imported lazily (by "module:Class" path) so a missing optional package only matters
 for the scorer that needs it.
+
+A user's own reward is a scorer too: `name` = ``module:callable`` (a dotted module on the Python
+path, or a ``.py`` file) names a function (or a class to instantiate without arguments, then its
+`score` or `__call__`) called as ``(images: list[PIL.Image], prompts: list[str]) -> sequence of
+floats``, one per image; see `CallableScorer`.
 """
 
 from __future__ import annotations
@@ -25,12 +30,109 @@ SCORERS: dict[str, tuple[str, dict]] = {
     "clip": ("ncppo.evaluate.scorers.clip_score:CLIPScore", {}),
     "aesthetic": ("ncppo.evaluate.scorers.aesthetic:LaionAesthetic", {}),
     "toy-judge": ("ncppo.toy.judge:ToyJudge", {}),
+    "toy-proxy": ("ncppo.toy.judge:ToyProxyJudge", {}),  # the judge plus a blind spot: reward hacking on a CPU
+}
+
+
+# How to get each scorer's default weights onto an offline machine (named in the load error).
+GET_WEIGHTS = {
+    "pickscore": "huggingface-cli download yuvalkirstain/PickScore_v1 --local-dir W/pickscore and "
+                 "laion/CLIP-ViT-H-14-laion2B-s32B-b79K --local-dir W/clip-h, then --scorer-path W/pickscore "
+                 "--scorer-option processor=W/clip-h",
+    "hpsv2": "huggingface-cli download xswu/HPSv2 HPS_v2_compressed.pt --local-dir W, then --scorer-path "
+             "W/HPS_v2_compressed.pt (tokenizer: --scorer-option tokenizer=DIR of laion/CLIP-ViT-H-14-laion2B-s32B-b79K)",
+    "hpsv2.1": "huggingface-cli download xswu/HPSv2 HPS_v2.1_compressed.pt --local-dir W, then --scorer-path "
+               "W/HPS_v2.1_compressed.pt (tokenizer: --scorer-option tokenizer=DIR of laion/CLIP-ViT-H-14-laion2B-s32B-b79K)",
+    "clip": "huggingface-cli download openai/clip-vit-large-patch14 --local-dir W/clip-l, then --scorer-path W/clip-l",
+    "aesthetic": "get sac+logos+ava1-l14-linearMSE.pth from LAION's aesthetic predictor and "
+                 "openai/clip-vit-large-patch14, then --scorer-path FILE --scorer-option clip_model=DIR",
+    "imagereward": "pip install 'ncppo[imagereward]' and download ImageReward-v1.0, then --scorer-path FILE",
 }
 
 
 def _import(target: str):
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)
+
+
+def is_callable_spec(name: str) -> bool:
+    """True for a user's ``module:callable`` (or ``file.py:callable``) scorer, not a built-in name."""
+    return name not in SCORERS and ":" in name and all(name.partition(":")[::2])
+
+
+def parse_weighted(spec: str) -> tuple[str, float]:
+    """``NAME[:WEIGHT]`` -> (NAME, WEIGHT); the weight is what follows the last colon when it is a
+    number, so ``pkg.rewards:fn`` keeps weight 1 and ``pkg.rewards:fn:0.5`` has 0.5."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+class CallableScorer(Scorer):
+    """A user's reward function as a scorer: ``fn(images, prompts) -> sequence of floats`` (or a
+    tensor/array), one per image; NaN is allowed (callers skip those images)."""
+
+    def __init__(self, name: str, fn):
+        self.name, self.fn = name, fn
+
+    def score(self, images: list, prompts: list[str]) -> torch.Tensor:
+        import numpy as np
+
+        from ...errors import InputError
+
+        out = self.fn(list(images), list(prompts))
+        if isinstance(out, torch.Tensor):
+            out = out.detach().float().cpu().numpy()
+        try:
+            values = np.asarray(list(out) if not isinstance(out, np.ndarray) else out, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError) as err:
+            raise InputError(f"scorer {self.name}: returned {type(out).__name__}, not a sequence of numbers ({err})") from None
+        if values.shape[0] != len(images):
+            raise InputError(f"scorer {self.name}: returned {values.shape[0]} scores for {len(images)} images")
+        return torch.from_numpy(values).float()
+
+
+def load_callable(spec: str):
+    """The object ``module:attr`` names (``attr`` may be dotted); ``module`` may be a ``.py`` file.
+    A module of the current folder is found too (as ``python -m`` would)."""
+    import importlib.util
+    import sys
+
+    from ...errors import InputError
+
+    module_name, _, attr = spec.partition(":")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name).expanduser()
+            if not path.is_file():
+                raise InputError(f"scorer {spec}: no such file {module_name}")
+            module_spec = importlib.util.spec_from_file_location(f"ncppo_user_scorer_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            if "" not in sys.path and str(Path.cwd()) not in sys.path:
+                sys.path.append(str(Path.cwd()))
+            module = importlib.import_module(module_name)
+    except InputError:
+        raise
+    except ImportError as err:
+        raise InputError(f"scorer {spec}: cannot import {module_name} ({err}); put it on PYTHONPATH, run from its "
+                         "folder, or give the .py file's path") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise InputError(f"scorer {spec}: {module_name} has no {attr!r}")
+        obj = getattr(obj, part)
+    if isinstance(obj, type):
+        obj = obj()
+        obj = getattr(obj, "score", obj)
+    if not callable(obj):
+        raise InputError(f"scorer {spec}: {attr} is not callable")
+    return obj
 
 
 def get_scorer(name: str, path: str | None = None, device="cpu", dtype: torch.dtype = torch.float32,
@@ -43,8 +145,12 @@ def get_scorer(name: str, path: str | None = None, device="cpu", dtype: torch.dt
     from ...errors import InputError, MissingInputError, MissingPackageError, first_line
     from ...models import looks_like_path
 
+    if is_callable_spec(name):
+        if path is not None or options:
+            raise InputError(f"scorer {name}: a module:callable scorer takes no --scorer-path or options")
+        return CallableScorer(name, load_callable(name))
     if name not in SCORERS:
-        raise InputError(f"unknown scorer {name!r}; choose from {sorted(SCORERS)}")
+        raise InputError(f"unknown scorer {name!r}; choose from {sorted(SCORERS)} or name your own as module:callable")
     if path is not None and looks_like_path(str(path)) and not Path(path).expanduser().exists():
         raise MissingInputError(f"{name} scorer weights {path}: no such file or folder")
     target, fixed = SCORERS[name]
@@ -67,10 +173,12 @@ def get_scorer(name: str, path: str | None = None, device="cpu", dtype: torch.dt
         raise MissingPackageError(f"{name} scorer: {err}") from err
     except (OSError, ValueError, KeyError) as err:  # missing or unreadable weights
         where = f" from {path}" if path is not None else " (default weights; pass --scorer-path for local ones)"
-        raise InputError(f"{name} scorer: cannot load{where}: {first_line(err)}") from err
+        how = f"; to get them where the Hub is reachable: {GET_WEIGHTS[name]} (docs/evaluation.md)" if (
+            path is None and name in GET_WEIGHTS) else ""
+        raise InputError(f"{name} scorer: cannot load{where}: {first_line(err)}{how}") from err
     if getattr(scorer, "name", "scorer") in (None, "", "scorer"):
         scorer.name = name
     return scorer
 
 
-__all__ = ["SCORERS", "Scorer", "get_scorer", "score_in_batches"]
+__all__ = ["SCORERS", "CallableScorer", "Scorer", "get_scorer", "is_callable_spec", "parse_weighted", "score_in_batches"]
