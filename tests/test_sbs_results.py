@@ -101,3 +101,39 @@ def test_reversed_sessions_on_folders_with_one_name_are_refused(tmp_path, capsys
     # one comparison: the default labels are the shortest path ends that tell the folders apart
     result = summarize(ResultsConfig(votes=[str(first)], n_resamples=10))
     assert (result["label_a"], result["label_b"]) == ("ncp/samples", "base/samples")
+
+
+@pytest.mark.parametrize("command", ["results", "export"])
+def test_cli_on_a_file_that_is_not_a_vote_log_is_one_error_line(tmp_path, capsys, command):
+    import warnings
+
+    from ncppo.cli import main
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# My votes\n\nSee votes.jsonl.\n")
+    image = tmp_path / "image.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    out = tmp_path / "res"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a Python warning (with its source path) would fail the test
+        assert main(["sbs", command, str(readme), "--out", str(out)]) == 2
+        assert capsys.readouterr().err == (
+            f"ncppo sbs {command}: error: {readme} is not a vote log of `ncppo sbs serve`: none of its 2 "
+            "non-empty line(s) is a vote (line 1: not valid JSON (Expecting value))\n")
+        assert main(["sbs", command, str(image), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"ncppo sbs {command}: error: {image} is not a vote log")
+        # a vote log with two bad lines (a crash, a hand edit) and a README given with it
+        votes = write_votes(tmp_path / "v.jsonl")
+        with open(votes, "a") as fh:
+            fh.write('{"prompt": "p", "prompt_ind\n{"winner": "left"}\n')
+        assert main(["sbs", command, str(votes), str(readme), "--out", str(out)]) == 2
+        assert capsys.readouterr().err.startswith(f"ncppo sbs {command}: error: {readme} is not a vote log")
+        # alone, the log is usable: one clean warning line on stderr, no Python warning, the 14 votes used
+        if command == "export":
+            return  # export needs the sample folders (test_sbs_export.py); the warning is the same code
+        assert main(["sbs", command, str(votes), "--out", str(out), "--n-resamples", "200"]) == 0
+    err = capsys.readouterr().err
+    assert err == (f"ncppo sbs results: warning: skipped 2 bad vote line(s): {votes}, line 15: not valid JSON "
+                   f"(Invalid control character at); {votes}, line 16: missing or empty 'prompt'\n")
+    assert json.loads((out / "sbs.json").read_text())["n_votes"] == 14

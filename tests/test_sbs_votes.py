@@ -70,3 +70,43 @@ def test_later_votes_replace_earlier_ones_and_bad_rows_are_counted(tmp_path):
     assert "line 4: winner 'left' is not one of" in read.bad[0] and "line 5: seed '0' is not an integer" in read.bad[1]
     with pytest.raises(FileNotFoundError, match="no such vote file"):
         read_votes(tmp_path / "missing.jsonl")
+
+
+def test_group_commit_batches_concurrent_votes_and_fails_a_whole_batch(tmp_path, monkeypatch):
+    path = tmp_path / "votes.jsonl"
+    log = VoteLog(path)
+    writes, gate, real_write = [], threading.Event(), VoteLog._write
+
+    def slow_write(self, data):  # the first write waits, so the other threads' votes queue behind it
+        writes.append(data.count(b"\n"))
+        gate.wait(5)
+        real_write(self, data)
+
+    monkeypatch.setattr(VoteLog, "_write", slow_write)
+    threads = [threading.Thread(target=log.append, args=(vote(f"r{i}"),)) for i in range(8)]
+    threads[0].start()
+    while not writes:
+        threading.Event().wait(0.001)
+    for t in threads[1:]:
+        t.start()
+    for _ in range(5000):  # until the 7 others are queued behind the running write
+        with log._commit:
+            if len(log._queue) == 7:
+                break
+        threading.Event().wait(0.001)
+    gate.set()
+    for t in threads:
+        t.join(5)
+    assert writes == [1, 7]  # one write+fsync for the 7 votes that arrived meanwhile
+    assert sorted(v["annotator"] for v in read_votes(path).votes) == [f"r{i}" for i in range(8)]
+
+    def full_disk(self, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(VoteLog, "_write", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        log.append(vote("late"))
+    monkeypatch.setattr(VoteLog, "_write", real_write)
+    log.append(vote("after"))  # the log is usable again: no writer is left marked busy
+    log.close()
+    assert [v["annotator"] for v in read_votes(path).votes][-1] == "after" and len(read_votes(path).votes) == 9

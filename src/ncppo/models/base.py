@@ -254,27 +254,16 @@ class ModelAdapter:
         return self.pipeline_class(**components)
 
     def save_lora(self, unet, output_dir: str | Path, weight_name: str = "pytorch_lora_weights.safetensors") -> Path:
-        """Save the denoiser's LoRA adapter in diffusers format, loadable by `load_lora_weights`.
-
-        The file carries `lora_adapter_metadata` (rank, alpha, targets), without which diffusers
-        assumes alpha = rank and scales a LoRA trained with another --lora-alpha wrongly."""
+        """Save the denoiser's LoRA adapter as the diffusers file `load_lora_weights` reads whole: peft's keys
+        prefixed by the component (`unet.<module>.lora_A.weight`) for every target, and `lora_adapter_metadata`
+        (rank, alpha, targets), without which diffusers assumes alpha = rank. The file `ncppo export --format
+        diffusers` writes (one writer), atomically."""
         from peft.utils import get_peft_model_state_dict
 
-        output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        state = self._lora_file_keys(get_peft_model_state_dict(unet))
-        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-        component = self.lora_component  # "unet" or "transformer": the keyword save_lora_weights takes
-        self.pipeline_class.save_lora_weights(output_dir, weight_name=weight_name, **{
-            f"{component}_lora_layers": state, f"{component}_lora_adapter_metadata": unet.peft_config["default"].to_dict()})
-        return output_dir / weight_name
+        from ..publish.diffusers_format import write_lora_file
 
-
-    def _lora_file_keys(self, peft_state: dict) -> dict:
-        """The LoRA file's key names: diffusers' U-Net scripts convert peft's to diffusers' own."""
-        from diffusers.utils import convert_state_dict_to_diffusers
-
-        return convert_state_dict_to_diffusers(peft_state)
+        return write_lora_file(Path(output_dir) / weight_name, get_peft_model_state_dict(unet), self.lora_component,
+                               unet.peft_config["default"].to_dict())
 
 
 def load_vae(vae: str, dtype: torch.dtype, cls=None):

@@ -76,11 +76,6 @@ class FlowAdapter(ModelAdapter):
     def _pipeline_components(self, unet) -> dict:
         raise NotImplementedError
 
-    def _lora_file_keys(self, peft_state: dict) -> dict:
-        """peft's keys as they are (lora_A/lora_B), as diffusers' SD3/FLUX LoRA scripts save them: converting
-        them to the U-Net's old names would leave the attention projections unloaded by the stock pipelines."""
-        return peft_state
-
 
 def pooled_or_fail(cond: Conditioning, family: str) -> torch.Tensor:
     if cond.pooled is None:

@@ -17,21 +17,35 @@ from .files import atomic_path
 from .run import METADATA_KEY
 
 
+def lora_file(peft_state: dict[str, torch.Tensor], component: str, lora_config: dict, extra_metadata: dict | None = None,
+              dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict, safetensors metadata) of a LoRA in diffusers' pipeline format, from its peft keys
+    (`<module>.lora_A.weight`), its peft LoraConfig as a dict and ``extra_metadata`` (strings). Every key keeps
+    peft's style, prefixed by ``component``: a file mixing styles makes `load_lora_weights` drop modules."""
+    state = {f"{component}.{k}": v.detach().to("cpu", dtype).contiguous() for k, v in peft_state.items()}
+    config = {f"{component}.{k}": sorted(v) if isinstance(v, set) else v for k, v in lora_config.items()}
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(config, indent=2, sort_keys=True, default=str),
+                **(extra_metadata or {})}
+    return state, metadata
+
+
+def write_lora_file(out: str | Path, peft_state: dict[str, torch.Tensor], component: str, lora_config: dict,
+                    extra_metadata: dict | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """Write `lora_file(...)` to ``out`` atomically (a temporary name, renamed when complete). The one writer of
+    the diffusers LoRA file: the training output, its checkpoints and `ncppo export --format diffusers`."""
+    from safetensors.torch import save_file
+
+    state, metadata = lora_file(peft_state, component, lora_config, extra_metadata, dtype)
+    with atomic_path(out) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+    return Path(out)
+
+
 def diffusers_state(run, dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(state dict, safetensors metadata) of RUN's LoRA in diffusers' pipeline format."""
-    prefix = run.adapter_class.lora_component
-    state = {f"{prefix}.{k}": v.to(dtype).contiguous() for k, v in run.lora.items()}
-    config = {f"{prefix}.{k}": sorted(v) if isinstance(v, set) else v for k, v in run.lora_config().items()}
-    metadata = {"format": "pt", METADATA_KEY: json.dumps(config, indent=2, sort_keys=True, default=str),
-                **run.provenance()}
-    return state, metadata
+    return lora_file(run.lora, run.adapter_class.lora_component, run.lora_config(), run.provenance(), dtype)
 
 
 def save_diffusers(run, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """Write RUN's LoRA as one diffusers-format `.safetensors` file."""
-    from safetensors.torch import save_file
-
-    state, metadata = diffusers_state(run, dtype)
-    with atomic_path(out) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
-    return Path(out)
+    return write_lora_file(out, run.lora, run.adapter_class.lora_component, run.lora_config(), run.provenance(), dtype)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from ..configs import ConfigError, option
 from ..errors import InputError
 from .items import QUESTIONS, item_key, load_items
 from .results import VALUE, items_by_question, majority
-from .votes import read_votes
+from .votes import read_vote_logs
 
 PAIRS_PARQUET = "pairs.parquet"
 PAIRS_JSONL = "pairs.jsonl"
@@ -92,7 +93,7 @@ def _folders(votes: list[dict], config: ExportConfig) -> tuple[str, str, dict[tu
 
 def pair_rows(config: ExportConfig) -> tuple[list[dict], dict]:
     """The pairs to write (without image bytes) and counts for the manifest."""
-    read = read_votes(config.votes)
+    read = read_vote_logs(config.votes)
     votes = [v for v in read.votes if v["question"] == config.question]
     if not votes:
         raise InputError(f"{', '.join(config.votes)}: no valid votes on question {config.question!r}")
@@ -119,7 +120,8 @@ def pair_rows(config: ExportConfig) -> tuple[list[dict], dict]:
         raise InputError("no pairs to export (every item was a tie and --drop-ties is set)")
     counts = dict(pairs=len(rows), votes=len(votes), items=len({(r["prompt_index"], r["seed"]) for r in rows}),
                   ties=sum(r["label_0"] == 0.5 for r in rows), dir_a=dir_a, dir_b=dir_b,
-                  bad_vote_lines=len(read.bad), superseded_votes=read.superseded)
+                  bad_vote_lines=len(read.bad), bad_vote_line_examples=read.bad[:10],
+                  bad_vote_summary=read.bad_summary(), superseded_votes=read.superseded)
     return rows, counts
 
 
@@ -146,6 +148,8 @@ def run_export(config: ExportConfig) -> Path:
     from ..manifest import write_manifest
 
     rows, counts = pair_rows(config)
+    if counts["bad_vote_summary"]:
+        print(f"ncppo sbs export: warning: {counts['bad_vote_summary']}", file=sys.stderr)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     target = out / (PAIRS_PARQUET if config.format == "parquet" else PAIRS_JSONL)

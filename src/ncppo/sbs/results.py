@@ -24,7 +24,7 @@ from ..errors import InputError
 from ..evaluate.stats import win_rate_interval
 from .agreement import krippendorff_alpha, pairwise_agreement
 from .items import QUESTIONS
-from .votes import read_votes
+from .votes import read_vote_logs
 
 VALUE = {"a": 1.0, "tie": 0.5, "b": 0.0}
 
@@ -120,7 +120,7 @@ def question_summary(items: dict[tuple[int, int], dict], *, n_resamples: int, co
 
 def summarize(config: ResultsConfig) -> dict:
     """The sbs.json content for the vote files of `config`."""
-    read = read_votes(config.votes)
+    read = read_vote_logs(config.votes)
     if not read.votes:
         raise InputError(f"{', '.join(config.votes)}: no valid votes")
     folder_a, folder_b = compared_folders(read.votes)
@@ -133,7 +133,8 @@ def summarize(config: ResultsConfig) -> dict:
             annotators[name][q] = n
     return dict(votes=[str(p) for p in config.votes], label_a=config.label_a or folder_a,
                 label_b=config.label_b or folder_b, n_votes=len(read.votes), superseded_votes=read.superseded,
-                bad_lines=len(read.bad), bad_line_examples=read.bad[:10], resampled="prompts, then items",
+                bad_lines=len(read.bad), bad_line_examples=read.bad[:10], bad_line_summary=read.bad_summary(),
+                resampled="prompts, then items",
                 n_resamples=config.n_resamples, seed=config.seed, questions=questions,
                 annotators=dict(sorted(annotators.items())))
 
@@ -173,9 +174,13 @@ def markdown(result: dict) -> str:
 
 def run_results(config: ResultsConfig) -> dict:
     """Summarize, print the tables, write sbs.json and sbs.md to `config.out`."""
+    import sys
+
     from ..manifest import atomic_write_text, package_versions
 
     result = summarize(config)
+    if result["bad_line_summary"]:
+        print(f"ncppo sbs results: warning: {result['bad_line_summary']}", file=sys.stderr)
     table = markdown(result)
     out = Path(config.out)
     result["config"] = dataclasses.asdict(config)

@@ -18,6 +18,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import InputError, MissingInputError
+
 try:  # advisory lock against a second process appending to the same file (POSIX)
     import fcntl
 except ImportError:  # pragma: no cover - Windows: the thread lock and O_APPEND remain
@@ -42,10 +44,12 @@ def sanitize_annotator(name: str) -> str:
 class VoteLog:
     """Append-only JSONL file shared by concurrent requests (threads) and processes.
 
-    Each vote is one `write(2)` of one whole line on an O_APPEND descriptor, under a thread lock
-    and an exclusive `flock`, then `fsync`: lines never interleave, and a crash loses at most the
-    vote being written. A partial last line left by an earlier crash is closed with a newline first,
-    so it stays one bad line that readers skip.
+    Votes are written as whole lines by one `write(2)` on an O_APPEND descriptor, under a thread
+    lock and an exclusive `flock`, then `fsync`'d; `append` returns only after its line is on disk.
+    Group commit: the votes that arrive while one write+fsync runs go out together in the next one
+    (one fsync for many concurrent annotators). Lines never interleave, and a crash loses at most
+    the votes not yet acknowledged. A partial last line left by an earlier crash is closed with a
+    newline first, so it stays one bad line that readers skip.
     """
 
     def __init__(self, path: str | Path):
@@ -53,6 +57,9 @@ class VoteLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._lock = threading.Lock()
+        self._commit = threading.Condition()  # guards _queue and _writing
+        self._queue: list[_Pending] = []
+        self._writing = False
         with self._locked():
             if os.fstat(self._fd).st_size:
                 with open(self.path, "rb") as fh:
@@ -82,8 +89,29 @@ class VoteLog:
         data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
         if b"\n" in data[:-1]:  # json.dumps escapes newlines; guard against a future change
             raise ValueError("a vote record must serialise to one line")
-        with self._locked():
-            self._write(data)
+        mine = _Pending(data)
+        with self._commit:
+            self._queue.append(mine)
+            while not mine.done:
+                if self._writing:  # another thread writes; ours goes in the next batch (or is in this one)
+                    self._commit.wait()
+                    continue
+                batch, self._queue, self._writing = self._queue, [], True
+                error = None
+                self._commit.release()
+                try:
+                    with self._locked():
+                        self._write(b"".join(p.data for p in batch))
+                except BaseException as err:  # every vote of the batch fails with it (e.g. a full disk)
+                    error = err
+                finally:
+                    self._commit.acquire()
+                    for p in batch:
+                        p.done, p.error = True, error
+                    self._writing = False
+                    self._commit.notify_all()
+        if mine.error is not None:
+            raise mine.error
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -98,6 +126,13 @@ class VoteLog:
 
 
 @dataclass
+class _Pending:
+    data: bytes
+    done: bool = False
+    error: BaseException | None = None
+
+
+@dataclass
 class Votes:
     """Valid votes of one or more logs, the latest per (annotator, prompt_index, seed, question)."""
 
@@ -105,6 +140,14 @@ class Votes:
     lines: int = 0  # valid lines read
     superseded: int = 0  # valid lines replaced by a later vote
     bad: list[str] = field(default_factory=list)  # "file, line N: reason" of skipped lines
+    valid_by_file: dict[str, int] = field(default_factory=dict)  # valid lines per file read
+
+    def bad_summary(self) -> str | None:
+        """One line naming the skipped lines (the first three), or None when there were none."""
+        if not self.bad:
+            return None
+        more = f" (and {len(self.bad) - 3} more)" if len(self.bad) > 3 else ""
+        return f"skipped {len(self.bad)} bad vote line(s): {'; '.join(self.bad[:3])}{more}"
 
 
 def _check_vote(row) -> str | None:
@@ -133,7 +176,8 @@ def read_votes(paths, *, warn: bool = True) -> Votes:
     latest: dict[tuple, dict] = {}
     for path in map(Path, paths):
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such vote file")
+            raise MissingInputError(f"{path}: no such vote file")
+        result.valid_by_file.setdefault(str(path), 0)
         with open(path, encoding="utf-8", errors="replace") as fh:
             for n, line in enumerate(fh, 1):
                 if not line.strip():
@@ -147,12 +191,25 @@ def read_votes(paths, *, warn: bool = True) -> Votes:
                     result.bad.append(f"{path}, line {n}: {reason}")
                     continue
                 result.lines += 1
+                result.valid_by_file[str(path)] += 1
                 key = (row["annotator"], row["prompt_index"], row["seed"], row["question"])
                 if key in latest:
                     result.superseded += 1
                 latest[key] = row
     result.votes = list(latest.values())
     if warn and result.bad:
-        more = f" (and {len(result.bad) - 3} more)" if len(result.bad) > 3 else ""
-        warnings.warn(f"skipped {len(result.bad)} bad vote line(s): {'; '.join(result.bad[:3])}{more}", stacklevel=2)
+        warnings.warn(result.bad_summary(), stacklevel=2)
+    return result
+
+
+def read_vote_logs(paths) -> Votes:
+    """`read_votes` for the commands: no Python warning (callers print `bad_summary()` as one line),
+    and an `InputError` for a file none of whose lines is a vote (not a vote log, e.g. a README or
+    an image), naming the file and its first bad line."""
+    result = read_votes(paths, warn=False)
+    for path, valid in result.valid_by_file.items():
+        bad = [b for b in result.bad if b.startswith(f"{path}, line ")]
+        if not valid and bad:
+            raise InputError(f"{path} is not a vote log of `ncppo sbs serve`: none of its {len(bad)} non-empty "
+                             f"line(s) is a vote ({bad[0].removeprefix(path + ', ')})")
     return result

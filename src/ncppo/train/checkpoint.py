@@ -2,8 +2,9 @@
 
 A checkpoint folder `checkpoint-<step>` holds what `accelerator.save_state` writes (optimizer,
 lr scheduler, RNG states; the model through the hooks below: only the LoRA weights for a LoRA
-run) and `trainer_state.json` (step, counters, history, the run's identity, and the size and
-SHA-256 of every other file). A save goes:
+run, in peft keys for resuming and as the diffusers file `load_lora_weights(checkpoint)` reads) and
+`trainer_state.json` (step, counters, history, the run's identity, and the size and SHA-256 of
+every other file). A save goes:
 
   1. every process: `save_state` into `.tmp-checkpoint-<step>/`;
   2. main process: every file fsynced, `trainer_state.json` written last (fsynced), the folder
@@ -266,8 +267,9 @@ def _agree(accelerator, ok: bool) -> bool:
     return bool(accelerator.reduce(flag, reduction="sum").item() == 0)
 
 
-def register_lora_hooks(accelerator, unet) -> None:
-    """Make `save_state`/`load_state` store only the U-Net's LoRA weights, not the frozen base.
+def register_lora_hooks(accelerator, unet, adapter) -> None:
+    """Make `save_state`/`load_state` store only the U-Net's LoRA weights, not the frozen base: `LORA_FILE`
+    (peft keys, what resuming reads) and ``adapter``'s `save_lora` file (what `load_lora_weights` reads).
 
     Loading checks that the file holds exactly this run's LoRA keys and shapes: a LoRA that is
     missing keys would otherwise resume silently from its initialisation."""
@@ -282,6 +284,7 @@ def register_lora_hooks(accelerator, unet) -> None:
                 state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(target).items()}
                 if accelerator.is_main_process:
                     save_file(state, os.path.join(output_dir, LORA_FILE))
+                    adapter.save_lora(target, output_dir)
                 if weights:
                     weights.pop(i)
 

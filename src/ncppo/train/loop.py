@@ -94,7 +94,7 @@ def train(config: TrainConfig) -> TrainResult:
         unet.enable_gradient_checkpointing()
     _speed_levers(config, unet, reference)
     if config.finetune == "lora":
-        ckpt.register_lora_hooks(accelerator, unet)
+        ckpt.register_lora_hooks(accelerator, unet, adapter)
 
     # 4. Optimizer and schedule.
     params = [p for p in unet.parameters() if p.requires_grad]
