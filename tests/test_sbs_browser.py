@@ -122,3 +122,52 @@ def _wait_until(driver, state):
 
     WebDriverWait(driver, 15).until(lambda d: d.execute_script("return document.body.dataset.state") == state)
 
+
+
+def test_private_link_votes_as_its_annotator(tmp_path, browser):
+    """`serve --annotators`: the page opens only through the link, asks no name, votes as the link's
+    annotator (keys and a button), resumes on reload, and a wrong link shows the refusal, not the page."""
+    from selenium.webdriver.common.by import By
+
+    from ncppo.sbs.access import load_tokens
+
+    dir_a, dir_b = make_sample_folders(tmp_path)
+    out = tmp_path / "votes.jsonl"
+    session = open_session(ServeConfig(dir_a=str(dir_a), dir_b=str(dir_b), out=str(out), shuffle_seed=5))
+    order = [it.key for it in annotator_order(session.items, "bob", 5)]
+    tokens, links = load_tokens(["ann", "bob"], out, "http://127.0.0.1")  # the links' paths: /?t=TOKEN
+    token = {name: link.split("?t=")[1] for name, link in links}
+    with running_server(create_app(session, trusted_hosts=["127.0.0.1"], tokens=tokens)) as url:
+        browser.get(url + "/")  # no link: refused, and the voting page is not sent
+        assert "private link" in browser.find_element(By.TAG_NAME, "body").text
+        assert browser.execute_script("return document.getElementById('vote')") is None
+        browser.get(url + "/?t=" + token["bob"][:-2])
+        assert "not valid" in browser.find_element(By.TAG_NAME, "body").text
+
+        browser.get(f"{url}/?t={token['bob']}")
+        state, key, question, progress = _wait_ready(browser)  # no name asked: the link names bob
+        assert (key, question, progress) == (order[0], "general", "0 / 8 items")
+        assert browser.find_element(By.ID, "who").text == "bob"
+        assert browser.find_element(By.ID, "login").get_attribute("hidden") is not None
+        body = browser.find_element(By.TAG_NAME, "body")
+        pressed = []
+        for key_name, choice in [("1", "left"), ("2", "right"), ("BUTTON", "tie"), ("3", "tie")]:
+            before = _page(browser)[1:3]
+            if key_name == "BUTTON":
+                browser.find_element(By.CSS_SELECTOR, "button[data-choice='tie']").click()
+            else:
+                body.send_keys(key_name)
+            pressed.append((*before, choice))
+            _wait_ready(browser, before)
+        browser.refresh()  # resume through the same link
+        state, key, question, progress = _wait_ready(browser)
+        assert (key, question, progress) == (order[1], "visual", "1 / 8 items")
+    session.log.close()
+
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == len(pressed) == 4
+    for line, (key, question, choice) in zip(lines, pressed):
+        left = left_side(key, "bob", 5)
+        winner = {"left": left, "right": "b" if left == "a" else "a", "tie": "tie"}[choice]
+        assert (line["annotator"], line["question"], line["winner"], line["left"]) == ("bob", question, winner, left)
+        assert session.by_key[key].seed == line["seed"]

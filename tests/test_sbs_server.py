@@ -280,3 +280,31 @@ def test_ipv6_loopback_is_loopback(tmp_path, folders):
     assert client.get("/").status_code == 200  # the Host header a browser sends for http://[::1]:8765/
     assert client.get("/", headers={"host": "evil.example:8765"}).status_code == 400  # DNS rebinding refused
     session.log.close()
+
+
+def test_non_ascii_names_get_working_image_urls(tmp_path, folders):
+    session = session_for(folders, tmp_path / "votes.jsonl")
+    client = _client(session)
+    state = client.get("/api/state", params={"annotator": "Jörg Ørsted"}).json()
+    assert state["annotator"] == "Jörg-Ørsted"
+    assert state["item"]["left"].endswith("?annotator=J%C3%B6rg-%C3%98rsted")  # was a TypeError ("%C3" % ...)
+    shown = session.image("Jörg-Ørsted", state["item"]["key"], "left")
+    assert client.get(state["item"]["left"]).content == shown.read_bytes()
+    session.log.close()
+
+
+def test_cli_serve_refuses_an_out_file_that_is_not_a_vote_log(tmp_path, folders, capsys):
+    import warnings
+
+    from ncppo.cli import main
+
+    out = tmp_path / "notes.txt"
+    out.write_text("these are not votes\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["sbs", "serve", str(folders[0]), str(folders[1]), "--out", str(out), "--port", "0"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == (
+        f"ncppo sbs serve: error: {out} is not a vote log of `ncppo sbs serve`: none of its 1 non-empty line(s) "
+        "is a vote (line 1: not valid JSON (Expecting value))\n")
+    assert out.read_text() == "these are not votes\n"  # nothing appended

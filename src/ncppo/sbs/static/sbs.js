@@ -7,6 +7,8 @@ const $ = (id) => document.getElementById(id);
 const CHOICE_KEYS = { "1": "left", "2": "right", "3": "tie" };
 const ANSWER_TEXT = { left: "left", right: "right", tie: "tie" };
 let config = null;      // {questions: [{id, text}], total, annotator}
+// a private link (/?t=TOKEN, `serve --annotators`): the token goes with every request and names the annotator
+const token = new URLSearchParams(location.search).get("t");
 let annotator = null;
 let state = null;       // the server's last {annotator, total, done, item}
 let asking = null;      // {key, question} re-asked with Backspace, else null
@@ -19,7 +21,8 @@ function showError(err) {
   $("error").hidden = false;
 }
 
-async function api(path, options) {
+async function api(path, options = {}) {
+  if (token) options.headers = { ...(options.headers || {}), Authorization: "Bearer " + token };
   const response = await fetch(path, options);
   if (!response.ok) {
     let message = `${response.status} ${response.statusText}`;
@@ -32,7 +35,7 @@ async function api(path, options) {
   return response.json();
 }
 
-function query() { return "annotator=" + encodeURIComponent(annotator || ""); }
+function query() { return token ? "" : "annotator=" + encodeURIComponent(annotator || ""); }
 
 async function load(key) {
   setState("busy");
@@ -117,7 +120,7 @@ async function vote(choice) {
     const s = await api("/api/vote", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ annotator, key, question, choice }),
+      body: JSON.stringify(token ? { key, question, choice } : { annotator, key, question, choice }),
     });
     answeredHere.push({ key, question });
     asking = null;
