@@ -3,6 +3,7 @@ hub ids that are really mistyped files, file modes, the `--model toy` alias."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -92,3 +93,81 @@ def test_a_bad_flag_is_one_error_line_naming_the_command_and_its_help(capsys):
         assert captured.out == "" and len(lines) == 1, (argv, captured.err)
         assert lines[0].startswith(f"{prog}: error: ") and message in lines[0], (argv, lines[0])
         assert lines[0].endswith(f"; see {prog} --help"), (argv, lines[0])
+
+
+HUB_SCRIPT = """
+import contextlib, io, json, os, sys, time
+from pathlib import Path
+from PIL import Image
+import datasets, diffusers, transformers  # imported before the clock starts
+import ncppo.hub, ncppo.evaluate.sample, ncppo.evaluate.score, ncppo.evaluate.scorers.pickscore, ncppo.train.loop
+import huggingface_hub.constants as hub_constants
+from ncppo.cli import main
+
+base, out = sys.argv[1], Path(sys.argv[2])
+samples = out / "samples"
+(samples / "images").mkdir(parents=True)
+Image.new("RGB", (8, 8)).save(samples / "images" / "00000_0.png")
+(samples / "index.jsonl").write_text(json.dumps({"prompt": "a cat", "prompt_index": 0, "seed": 0,
+                                                 "file": "images/00000_0.png"}) + "\\n")
+(out / "prompts.txt").write_text("a cat\\n")
+Path("runs").mkdir()
+train = ["train", "--model", base, "--output-dir", str(out / "run"), "--max-steps", "1", "--report-to", "none"]
+cases = {
+    "prompts_file": ["sample", "--model", base, "--prompts", "no-prompts.txt", "--out", str(out / "s")],
+    "pairs_file": ["data", "check", "no-pairs.csv"],
+    "pairs_in_folder": train + ["--data", "runs/pairs"],
+    "scorer_file": ["score", str(samples), "--scorer", "pickscore", "--scorer-path", "pickscore.safetensors"],
+    "prompts_hub": ["sample", "--model", base, "--prompts", "org/prompts", "--out", str(out / "s")],
+    "pairs_hub": train + ["--data", "org/pairs"],
+    "model_hub": ["sample", "--model", "org/model", "--prompts", str(out / "prompts.txt"), "--out", str(out / "s")],
+    "scorer_hub": ["score", str(samples), "--scorer", "pickscore"],
+}
+results = {}
+for name, argv in cases.items():
+    ncppo.hub._reason = False  # each case probes afresh, online as far as the libraries know
+    hub_constants.HF_HUB_OFFLINE = False
+    datasets.config.HF_HUB_OFFLINE = False
+    os.environ.pop("HF_HUB_OFFLINE", None)
+    err = io.StringIO()
+    start = time.perf_counter()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as stop:
+            code = stop.code
+    results[name] = {"code": code, "seconds": time.perf_counter() - start, "err": err.getvalue()}
+print(json.dumps(results))
+"""
+
+
+def test_mistyped_files_fail_at_once_and_an_unreachable_hub_fails_once_quickly(tmp_path):
+    """A name that looks like a local path is a missing file, not a hub id (was 35 s of retries for
+    `--prompts no-prompts.txt`); a hub id with the Hub unreachable fails in one quick try, saying so
+    (was 64 s for `score --scorer pickscore`). The Hub here: a port that refuses connections."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf-home"))
+    done = subprocess.run([sys.executable, "-c", HUB_SCRIPT, str(SHIPPED_BASE), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    expected = {
+        "prompts_file": "ncppo sample: error: no-prompts.txt: no such file or folder",
+        "pairs_file": "ncppo data check: error: no such file or folder: no-pairs.csv",
+        "pairs_in_folder": "ncppo train: error: no such file or folder: runs/pairs",
+        "scorer_file": "ncppo score: error: pickscore scorer weights pickscore.safetensors: no such file or folder",
+        "prompts_hub": "ncppo sample: error: org/prompts: not a local file or folder, and the Hugging Face Hub cannot "
+                       "be reached to load it as a hub id (no answer from http://127.0.0.1:9",
+        "pairs_hub": "ncppo train: error: org/pairs: not a local file or folder, and the Hugging Face Hub cannot be "
+                     "reached to load it as a hub id",
+        "model_hub": "ncppo sample: error: --model org/model: not a local folder, and the Hugging Face Hub cannot "
+                     "be reached to load it as a hub id",
+        "scorer_hub": "ncppo score: error: pickscore scorer: cannot load (default weights; pass --scorer-path for "
+                      "local ones): the Hugging Face Hub cannot be reached",
+    }
+    for name, start in expected.items():
+        result = results[name]
+        lines = [line for line in result["err"].splitlines() if ": error: " in line]
+        assert result["code"] == 2 and len(lines) == 1, (name, result)
+        assert lines[0].startswith(start), (name, lines[0])
+        assert result["seconds"] < 10, (name, result["seconds"])  # before: 35-64 s of retries

@@ -222,7 +222,7 @@ def test_jsonl_absolute_paths_and_explicit_image_dir(pairs_csv, tmp_path):
 def test_missing_source_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         open_pairs(tmp_path / "nope.parquet")
-    with pytest.raises(FileNotFoundError, match="not a local file or folder, and loading it as a datasets hub id"):
+    with pytest.raises(FileNotFoundError, match="not a local file or folder, and the Hugging Face Hub cannot be reached"):
         open_pairs("no-such-user/no-such-dataset")
 
 

@@ -522,16 +522,20 @@ def open_pairs(source: str | os.PathLike, *, split: str = "train", image_dir: st
             dirs = extra_dirs or [path.parent, path.parent / "images"]
             return PairTable(_TableBackend(table, str(path)), dirs)
         raise PairSchemaError(f"{path}: unknown file type {suffix!r} (expected .parquet, .arrow, .csv or .jsonl)")
+    from ..hub import offline_message, unreachable
+    from ..models import looks_like_path
+
     text = str(source)
-    if text.startswith((".", "/", "~")) or text.count("/") > 1 or path.suffix.lower() in (
-            ".parquet", ".arrow", ".csv", ".jsonl", ".json"):
+    if looks_like_path(text):  # a file name (x.csv), a/b/c, ./x, runs/x: a mistyped path, not a hub id
         raise MissingInputError(f"no such file or folder: {source}")
     # a hub dataset id (needs network the first time; datasets caches it)
+    unreachable()  # offline: fail at once below, not after a minute of retries
     try:
         ds = datasets.load_dataset(text, split=split, cache_dir=cache_dir, revision=revision)
     except Exception as err:
-        raise MissingInputError(f"{source}: not a local file or folder, and loading it as a datasets hub id "
-                                f"failed ({type(err).__name__}: {err})") from err
+        offline = offline_message(text, "a local file or folder")
+        raise MissingInputError(offline or f"{source}: not a local file or folder, and loading it as a datasets "
+                                f"hub id failed ({type(err).__name__}: {err})") from err
     return PairTable(_HFBackend(ds, text), extra_dirs)
 
 

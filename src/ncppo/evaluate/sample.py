@@ -156,10 +156,17 @@ def _read_dataset_prompts(source: str, column: str | None, split: str) -> list[s
         except FileNotFoundError as err:
             raise PromptSourceError(f"{source}: not a prompt file or a datasets save_to_disk folder ({err})") from None
     else:
+        from ..hub import offline_message, unreachable
+        from ..models import looks_like_path
+
+        if looks_like_path(source):  # a file name (x.txt), a/b/c, ./x: a mistyped file, not a hub id
+            raise MissingInputError(f"{source}: no such file or folder")
+        unreachable()  # offline: fail at once below, not after a minute of retries
         try:
             ds = datasets.load_dataset(source, split=split)
         except Exception as err:  # hub/network/format errors all mean "cannot read this source"
-            raise PromptSourceError(f"{source}: cannot load as a prompt file or datasets id ({err})") from None
+            offline = offline_message(source, "a local file or folder")
+            raise PromptSourceError(offline or f"{source}: cannot load as a prompt file or datasets id ({err})") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise PromptSourceError(f"{source}: no split {split!r}; splits are {list(ds)}")

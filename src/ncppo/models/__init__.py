@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError, MissingInputError, first_line
+from ..hub import check_hub_id
 from .base import Conditioning, ModelAdapter
 from .flux import FluxAdapter
 from .sd import SDAdapter
@@ -25,9 +26,17 @@ SUPPORTED_PIPELINES = ("StableDiffusionPipeline (SD1.x/2.x), StableDiffusionXLPi
                        "StableDiffusion3Pipeline (SD3/SD3.5), FluxPipeline (FLUX.1)")
 
 
+# File suffixes no Hub repository name ends with: a name with one is a (mistyped) local file.
+LOCAL_SUFFIXES = (".txt", ".csv", ".tsv", ".json", ".jsonl", ".parquet", ".arrow", ".safetensors", ".bin", ".pt",
+                  ".pth", ".ckpt", ".yaml", ".yml")
+
+
 def looks_like_path(name: str) -> bool:
-    """True for what cannot be a hub id ("org/name"): ./x, /x, ~/x, a/b/c, an existing path."""
-    return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+    """True for what cannot be a hub id ("org/name"): ./x, /x, ~/x, a/b/c, a\\b, a file name (x.txt,
+    x.safetensors, ...), a name inside an existing folder (runs/x), an existing path."""
+    path = Path(name).expanduser()
+    return (path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+            or path.suffix.lower() in LOCAL_SUFFIXES or (len(path.parts) > 1 and path.parent.is_dir()))
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".msgpack")
@@ -41,6 +50,7 @@ def check_pipeline_folder(model: str, *, flag: str = "--model", vae: str | None 
     if not path.exists():
         if looks_like_path(model):
             raise MissingInputError(f"{flag} {model}: no such folder")
+        check_hub_id(model, f"{flag} {model}")
         return
     if not path.is_dir():
         raise InputError(f"{flag} {model}: a file; expected a diffusers pipeline folder (save_pretrained) or hub id")
@@ -92,8 +102,10 @@ def load_model(model: str, *, family: str = "auto", vae: str | None = None, revi
     """
     model = str(model)
     check_pipeline_folder(model, vae=vae)
-    if vae and not Path(vae).expanduser().exists() and looks_like_path(vae):
-        raise MissingInputError(f"--vae {vae}: no such folder")
+    if vae and not Path(vae).expanduser().exists():
+        if looks_like_path(vae):
+            raise MissingInputError(f"--vae {vae}: no such folder")
+        check_hub_id(vae, f"--vae {vae}")
     if family == "auto":
         family = detect_family(model, revision)
     if family not in FAMILIES:

@@ -143,6 +143,7 @@ def get_scorer(name: str, path: str | None = None, device="cpu", dtype: torch.dt
     Missing or unloadable weights, and a missing optional package, raise `InputError` naming the
     scorer and the path."""
     from ...errors import InputError, MissingInputError, MissingPackageError, first_line
+    from ...hub import unreachable
     from ...models import looks_like_path
 
     if is_callable_spec(name):
@@ -165,6 +166,9 @@ def get_scorer(name: str, path: str | None = None, device="cpu", dtype: torch.dt
             raise InputError(f"scorer {name!r} takes no --scorer-path")
         # optional interface arguments a scorer (e.g. the toy judge) may not declare
         kwargs = {k: v for k, v in kwargs.items() if k in params}
+    hub_weights = name in GET_WEIGHTS and (path is None or not Path(path).expanduser().exists())
+    if hub_weights:
+        unreachable()  # offline: fail at once below, not after a minute of retries per file
     try:
         scorer = cls(**kwargs)
     except InputError:
@@ -175,7 +179,10 @@ def get_scorer(name: str, path: str | None = None, device="cpu", dtype: torch.dt
         where = f" from {path}" if path is not None else " (default weights; pass --scorer-path for local ones)"
         how = f"; to get them where the Hub is reachable: {GET_WEIGHTS[name]} (docs/evaluation.md)" if (
             path is None and name in GET_WEIGHTS) else ""
-        raise InputError(f"{name} scorer: cannot load{where}: {first_line(err)}{how}") from err
+        reason = unreachable() if hub_weights else None
+        cause = (f"the Hugging Face Hub cannot be reached ({reason}) and they are not in the local cache"
+                 if reason else first_line(err))
+        raise InputError(f"{name} scorer: cannot load{where}: {cause}{how}") from err
     if getattr(scorer, "name", "scorer") in (None, "", "scorer"):
         scorer.name = name
     return scorer
