@@ -20,13 +20,14 @@ class FakeRunner:
     peaks = {"latent": 0.03, "ncp": 30.0}
 
     def __init__(self):
-        self.calls = []
+        self.calls, self.labels = [], []
 
-    def base_scores(self, prompts, seeds):
+    def base_scores(self, prompts, seeds, label=""):
         return [5.0 + 0.01 * (s % 7) for s in seeds]
 
-    def __call__(self, key, spec, prompts, seeds):
+    def __call__(self, key, spec, prompts, seeds, label=""):
         self.calls.append(key)
+        self.labels.append(label)
         height = 1.0 if spec.space == "latent" else 1.2
         level = 5.0 + height - 0.2 * (math.log10(spec.beta) - math.log10(self.peaks[spec.space])) ** 2
         rng = np.random.default_rng(zlib.crc32(f"{spec.space} {spec.seed} {spec.timestep_mode}".encode()))
@@ -58,6 +59,11 @@ def test_grids_widen_past_an_edge_then_refine_and_resume(tmp_path):
     # NCP peaks at 30: 10 is the high edge -> 100; then refined with 3 and 30
     assert grid("ncp") == [1.0, 3.0, 10.0, 30.0, 100.0] and chosen["ncp"] == 30.0
     n = len(runner.calls)
+    # progress labels: this invocation's k-th run of about 8 planned (2 + 2 refined per grid); the grids
+    # grew by one value each, so the count catches up with k at the end
+    assert runner.labels[0] == "[1/~8] grid latent-DPO beta 1 seed 0"
+    assert [label.split("]")[0] for label in runner.labels] == [f"[{k}/~{max(8, k)}" for k in range(1, n + 1)]
+    assert runner.labels[-1].startswith(f"[{n}/~{n}] grid NCP-DPO beta ")
     run_study(_cfg(tmp_path, phases=["grid"]), runner)  # everything is in results.json: nothing reruns
     assert len(runner.calls) == n
     assert (tmp_path / "study" / "manifest.json").is_file()
@@ -79,6 +85,11 @@ def test_all_phases_statistics_and_report(tmp_path):
     runner = FakeRunner()
     data = run_study(_cfg(tmp_path), runner)
     s = data["summary"]
+    # labels name the phase and method: planned 8 grid + 6 final + 6 CPO + 1 variant = 21, 23 ran
+    assert {label.split("] ")[1].split(" beta")[0] for label in runner.labels} == {
+        "grid latent-DPO", "grid NCP-DPO", "final latent-DPO", "final NCP-DPO", "objectives latent-CPO",
+        "objectives NCP-CPO", "variants NCP-DPO uniform/down"}
+    assert runner.labels[-1] == "[23/~23] variants NCP-DPO uniform/down beta 30 seed 1"
     assert s["chosen"] == {"latent": 0.03, "ncp": 30.0} and s["interior"] == {"latent": True, "ncp": True}
     # the peaks are 3 decades apart: no single value is near the best of both
     assert s["common_beta"] in (0.1, 1.0, 10.0) and not all(s["common_near_best"].values())

@@ -302,11 +302,12 @@ def prompt_hash(prompt: str) -> str:
 
 def sample_images(pipeline, prompts: list[str], seeds, *, steps: int, guidance: float,
                   height: int | None = None, width: int | None = None, batch_size: int = 4,
-                  negative_prompt: str | None = None, progress: bool = True) -> list:
+                  negative_prompt: str | None = None, progress: bool = True, progress_desc: str = "sampling") -> list:
     """Generate one PIL image per (prompts[k], seeds[k]) with an already-loaded pipeline.
 
     `seeds` is a list as long as `prompts`, or one int used for every prompt. Every image has
-    its own CPU generator, so the result does not depend on `batch_size`.
+    its own CPU generator, so the result does not depend on `batch_size`. `progress_desc`
+    labels the progress bar.
     """
     from tqdm.auto import tqdm
 
@@ -317,7 +318,7 @@ def sample_images(pipeline, prompts: list[str], seeds, *, steps: int, guidance: 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     images = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", unit="batch", disable=not progress):
+    for start in tqdm(range(0, len(prompts), batch_size), desc=progress_desc, unit="batch", disable=not progress):
         batch = prompts[start:start + batch_size]
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start:start + batch_size]]
         out = pipeline(

@@ -43,6 +43,7 @@ class DataConfig:
     tie_margin: float = field(default=0.1, metadata={"help": "score difference below which a pair is a tie"})
     model: str | None = field(default=None, metadata={"help": "recorded in the manifest only: the base the "
                                                                "pairs are meant for (renders are off-policy)"})
+    progress_desc: str = field(default="toy pairs", metadata={"help": "progress bar label", "cli": False})
 
     def validate(self):
         if self.pairs < 1:
@@ -72,7 +73,7 @@ def make_rows(cfg: DataConfig) -> list[dict]:
     prompt_list = world.prompts(cfg.split)
     rng = np.random.default_rng(cfg.seed)
     rows = []
-    for i in tqdm(range(cfg.pairs), desc="toy pairs", leave=False):
+    for i in tqdm(range(cfg.pairs), desc=cfg.progress_desc, leave=False):
         prompt = prompt_list[int(rng.integers(len(prompt_list)))]
         seeds = rng.integers(2**31, size=2)
         flaws = [world.random_flaws(rng, PAIR_FLAW_RATES) for _ in range(2)]

@@ -22,6 +22,8 @@ from . import world
 from .base import SHIPPED_BASE
 
 SPACES = ("latent", "ncp")
+#: What `ncppo demo` runs, in order; its progress bars are labelled "[k/6] <stage>".
+STAGES = ("pairs", "latent-DPO train", "NCP-DPO train", "base eval", "latent-DPO eval", "NCP-DPO eval")
 STUDY_RECORD = Path(__file__).parent / "assets" / "study.json"
 
 
@@ -78,6 +80,13 @@ class DemoConfig:
                     model=str(self.model or SHIPPED_BASE))
 
 
+def stage(name: str) -> str:
+    """The progress-bar label of one demo stage: stage("NCP-DPO eval") == "[6/6] NCP-DPO eval"."""
+    from .runs import stage_label
+
+    return stage_label(STAGES.index(name) + 1, len(STAGES), name)
+
+
 def compare(scores: dict[str, np.ndarray], n_resamples: int, seed: int, groups=None) -> dict:
     """Mean judge score, win rate vs base and NCP vs latent, with 95% intervals (two-stage
     bootstrap over `groups`, the prompt of each image)."""
@@ -119,7 +128,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     """The whole demo; returns the results dict also written to results.json."""
     from ..manifest import write_manifest
     from .data import DataConfig, build_pairs
-    from .figures import band_plot, sample_grid
+    from .figures import NAMES, sample_grid, score_curves
     from .report import write_report
     from .runs import RunSpec, image_set, sample_and_score, train_run
 
@@ -133,7 +142,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     t = time.time()
     pairs = build_pairs(DataConfig(out=str(out / "pairs"), pairs=r["pairs"], split="train", seed=cfg.seed,
-                                   model=r["model"]))
+                                   model=r["model"], progress_desc=stage("pairs")))
     timings["data"] = time.time() - t
 
     eval_prompts = world.prompts("eval")
@@ -147,7 +156,8 @@ def run_demo(cfg: DemoConfig) -> dict:
                        sample_steps=r["sample_steps"], guidance=cfg.guidance, curve_prompts=eval_prompts,
                        curve_seeds=curve_seeds, eval_every=r["eval_every"])
         t = time.time()
-        result, scales[space] = train_run(spec, model=r["model"], data=str(pairs), out=out / f"{space}-dpo")
+        result, scales[space] = train_run(spec, model=r["model"], data=str(pairs), out=out / f"{space}-dpo",
+                                          progress_desc=stage(f"{NAMES[space]} train"))
         timings[f"train_{space}"] = time.time() - t
         runs[space] = str(result.weights_path)
         histories[space] = curve_points(result.eval_history, curve_prompts, min(cfg.bootstrap, 2000), cfg.seed)
@@ -158,7 +168,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     images, scores = {}, {}
     for name, lora in (("base", None), ("latent", runs["latent"]), ("ncp", runs["ncp"])):
         images[name], scores[name] = sample_and_score(r["model"], lora, prompts, seeds,
-                                                      sample_steps=r["sample_steps"], guidance=cfg.guidance)
+                                                      sample_steps=r["sample_steps"], guidance=cfg.guidance,
+                                                      progress_desc=stage(f"{NAMES.get(name, name)} eval"))
     timings["evaluate"] = time.time() - t
 
     results = compare(scores, cfg.bootstrap, cfg.seed, groups=prompts)
@@ -182,9 +193,10 @@ def run_demo(cfg: DemoConfig) -> dict:
                 ["base", "latent-DPO", "NCP-DPO"],
                 columns=[f"{prompts[i].removeprefix('a ').replace(' background', '')} #{seeds[i]}" for i in pick]
                 ).save(out / "samples.png")
-    band_plot({s: [(p["step"], p["mean_score"], *p.get("ci95", (None, None))) for p in histories[s]] for s in SPACES},
-              target, title="mean toy-judge score, held-out prompts (95% band: prompts, then seeds)"
-              ).save(out / "judge_over_steps.png")
+    score_curves(out / "judge_over_steps.png",
+                 {s: [(p["step"], p["mean_score"], *p.get("ci95", (None, None))) for p in histories[s]] for s in SPACES},
+                 target, title="held-out prompts, 95% band over prompts then seeds",
+                 ylabel=f"mean toy-judge score ({len(curve_prompts)} images a point)")
     study = json.loads(STUDY_RECORD.read_text()) if STUDY_RECORD.is_file() else None
     write_report(out / "report.md", results, cfg, r, study)
     write_manifest(out / "manifest.json", command="demo", config=cfg, seed=cfg.seed, resolved=r, timings_s=timings)

@@ -9,6 +9,21 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def headline_table(results: dict) -> str:
+    """The demo's numbers as docs/toy.md shows them (a markdown table; tests/test_toy_demo.py checks
+    the quick demo's copy there against a fresh run, at this precision)."""
+    rows = ["| model | mean judge score | win rate vs base [95% CI] |", "|---|---|---|",
+            f"| base | {results['base']['mean_score']:.3f} | - |"]
+    for key, name in (("latent", "latent-DPO"), ("ncp", "NCP-DPO")):
+        r = results[key]
+        lo, hi = r["win_rate_vs_base_ci95"]
+        rows.append(f"| {name} | {r['mean_score']:.3f} | {_pct(r['win_rate_vs_base'])} [{_pct(lo)}, {_pct(hi)}] |")
+    h2h = results["ncp_vs_latent"]
+    lo, hi = h2h["ci95"]
+    rows.append(f"| NCP-DPO vs latent-DPO, head to head | | {_pct(h2h['win_rate'])} [{_pct(lo)}, {_pct(hi)}] |")
+    return "\n".join(rows)
+
+
 def write_report(path: Path, results: dict, cfg, resolved: dict, study: dict | None) -> Path:
     t = results["timings_s"]
     ev = results["eval"]

@@ -44,8 +44,14 @@ def write_prompts(path: Path, prompts: list[str]) -> str:
     return str(path)
 
 
-def train_config(spec: RunSpec, *, model: str, data: str, out: Path):
-    """The TrainConfig of one toy run: LoRA at 32 px, constant lr, the toy judge as eval scorer."""
+def stage_label(k: int, n: int, what: str) -> str:
+    """A progress-bar label naming the stage and how many there are: "[2/6] latent-DPO train"."""
+    return f"[{k}/{n}] {what}"
+
+
+def train_config(spec: RunSpec, *, model: str, data: str, out: Path, progress_desc: str = "train"):
+    """The TrainConfig of one toy run: LoRA at 32 px, constant lr, the toy judge as eval scorer;
+    `progress_desc` labels its progress bar."""
     from ..train.config import TrainConfig
 
     curve = bool(spec.curve_prompts and spec.eval_every)
@@ -59,7 +65,7 @@ def train_config(spec: RunSpec, *, model: str, data: str, out: Path):
         checkpoint_every=0, report_to="none", log_every=max(1, spec.steps // 10), seed=spec.seed,
         sample_steps=spec.sample_steps, guidance_scale=spec.guidance, eval_every=spec.eval_every if curve else 0,
         eval_prompts=prompts_file, eval_scorer="toy-judge" if curve else None,
-        eval_seeds=list(spec.curve_seeds) if curve else [0])
+        eval_seeds=list(spec.curve_seeds) if curve else [0], progress_desc=progress_desc)
 
 
 def image_set(prompts: list[str], seeds_per_prompt: int, first_seed: int) -> tuple[list[str], list[int]]:
@@ -69,7 +75,7 @@ def image_set(prompts: list[str], seeds_per_prompt: int, first_seed: int) -> tup
 
 
 def sample_and_score(model: str, lora: str | None, prompts: list[str], seeds: list[int], *, sample_steps: int,
-                     guidance: float) -> tuple[list, np.ndarray]:
+                     guidance: float, progress_desc: str = "sampling") -> tuple[list, np.ndarray]:
     """Images of (prompt, seed) from the base (+ LoRA), and their judge scores."""
     import torch
 
@@ -78,16 +84,17 @@ def sample_and_score(model: str, lora: str | None, prompts: list[str], seeds: li
 
     pipe = load_pipeline(model, lora=lora, device="cuda" if torch.cuda.is_available() else "cpu")
     images = sample_images(pipe, prompts, seeds, steps=sample_steps, guidance=guidance,
-                           height=world.RESOLUTION, width=world.RESOLUTION, batch_size=32, progress=True)
+                           height=world.RESOLUTION, width=world.RESOLUTION, batch_size=32, progress=True,
+                           progress_desc=progress_desc)
     return images, ToyJudge().score(images, prompts).numpy()
 
 
-def train_run(spec: RunSpec, *, model: str, data: str, out: Path):
+def train_run(spec: RunSpec, *, model: str, data: str, out: Path, progress_desc: str = "train"):
     """Train one run; returns (TrainResult, the manifest's beta_normalization record or None)."""
     import json
 
     from ..train.loop import train
 
-    result = train(train_config(spec, model=model, data=data, out=out))
+    result = train(train_config(spec, model=model, data=data, out=out, progress_desc=progress_desc))
     manifest = json.loads((out / "manifest.json").read_text())
     return result, manifest.get("beta_normalization")

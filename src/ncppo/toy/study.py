@@ -133,22 +133,25 @@ class ToyRunner:
             build_pairs(DataConfig(out=str(folder), pairs=self.cfg.pairs, split="train", seed=seed, model=self.model))
         return str(folder)
 
-    def base_scores(self, prompts: list[str], seeds: list[int]) -> list[float]:
+    def base_scores(self, prompts: list[str], seeds: list[int], label: str = "base") -> list[float]:
         from .runs import sample_and_score
 
         _, scores = sample_and_score(self.model, None, prompts, seeds, sample_steps=self.cfg.sample_steps,
-                                     guidance=self.cfg.guidance)
+                                     guidance=self.cfg.guidance, progress_desc=f"{label} eval")
         return scores.tolist()
 
-    def __call__(self, key: str, spec: RunSpec, prompts: list[str], seeds: list[int]) -> dict:
+    def __call__(self, key: str, spec: RunSpec, prompts: list[str], seeds: list[int], label: str = "") -> dict:
+        """Train and score one run; `label` (e.g. "[3/~20] grid latent-DPO beta 1 seed 0") names its progress bars."""
         from .runs import sample_and_score, train_run
 
+        label = label or key
         t = time.time()
         result, beta_record = train_run(spec, model=self.model, data=self.pairs(spec.seed),
-                                        out=self.out / "runs" / key.replace("/", "_"))
+                                        out=self.out / "runs" / key.replace("/", "_"), progress_desc=f"{label} train")
         trained = time.time() - t
         _, scores = sample_and_score(self.model, str(result.weights_path), prompts, seeds,
-                                     sample_steps=spec.sample_steps, guidance=spec.guidance)
+                                     sample_steps=spec.sample_steps, guidance=spec.guidance,
+                                     progress_desc=f"{label} eval")
         curve = [{"step": h["step"], "scores": h["scores"]} for h in result.eval_history]
         return dict(scores=scores.tolist(), curve=curve, beta_normalization=beta_record,
                     final_metrics=result.final_metrics, seconds_train=trained, seconds=time.time() - t)
@@ -165,6 +168,28 @@ class Study:
         self.store.data["config"] = asdict(cfg)
         self.store.data.setdefault("device", _device())
         self.store.save()
+        self.to_run = max(0, self.planned_runs() - sum(_phase(r) in cfg.phases for r in self.store.runs.values()))
+        self.started = 0
+
+    def planned_runs(self) -> int:
+        """How many runs the requested phases hold when done (for the progress labels; an estimate:
+        a grid that grows past an edge, or whose refinement values are already in it, differs)."""
+        c = self.cfg
+        per_phase = dict(
+            grid=sum(len({_g(v) for v in getattr(c, f"{space}_grid")}) + 2 * c.refine + (c.grid_seeds - 1) * c.grid_top
+                     for space in SPACES),
+            final=len(SPACES) * c.seeds, objectives=len(c.objectives) * len(SPACES) * len(c.objective_factors),
+            variants=len(c.variants) * c.variant_seeds)
+        return sum(per_phase.get(phase, 0) for phase in c.phases)
+
+    def label(self, spec: RunSpec, phase: str) -> str:
+        """"[k/~n] <phase> <method> beta <b> seed <s>": this invocation's k-th run of about n left."""
+        self.started += 1
+        method = f"{'latent' if spec.space == 'latent' else 'NCP'}-{spec.objective.upper()}"
+        if spec.space == "ncp" and (spec.timestep_mode, spec.ncp_layers) != ("t-1", "down"):
+            method += f" {spec.timestep_mode}/{spec.ncp_layers}"
+        return (f"[{self.started}/~{max(self.to_run, self.started)}] {phase} {method} beta {_g(spec.beta):g} "
+                f"seed {spec.seed}")
 
     # ----- image sets ---------------------------------------------------------------------------
     def images(self, split: str) -> tuple[list[str], list[int]]:
@@ -176,7 +201,8 @@ class Study:
         prompts, seeds = self.images(split)
         entry = self.store.data["base"].get(split)
         if entry is None or entry["seeds"] != seeds or entry["prompts"] != prompts:
-            entry = dict(prompts=prompts, seeds=seeds, scores=self.runner.base_scores(prompts, seeds))
+            entry = dict(prompts=prompts, seeds=seeds,
+                         scores=self.runner.base_scores(prompts, seeds, label=f"[base] {split}"))
             self.store.data["base"][split] = entry
             self.store.save()
         return entry["scores"]
@@ -199,8 +225,9 @@ class Study:
             return self.store.runs[key]
         self.base(split)
         prompts, seeds = self.images(split)
-        print(f"[study] {key}", flush=True)
-        record = self.runner(key, spec, prompts, seeds)
+        label = self.label(spec, phase if spec.objective == "dpo" or phase != "grid" else "objectives")
+        print(f"[study] {label}: {key}", flush=True)
+        record = self.runner(key, spec, prompts, seeds, label=label)
         record.update(phase=phase, split=split, spec=asdict(spec), key=key, finished=time.time())
         record["spec"].pop("curve_prompts")
         self.store.runs[key] = record
@@ -280,6 +307,11 @@ class Study:
             elif phase == "report":
                 write_study_report(self.out, self.store.data, c)
         return self.store.data
+
+
+def _phase(run: dict) -> str:
+    """The --phases name that made a stored run (the objectives phase stores its runs as "grid")."""
+    return "objectives" if run["phase"] == "grid" and run["spec"]["objective"] != "dpo" else run["phase"]
 
 
 def _mean(xs) -> float:

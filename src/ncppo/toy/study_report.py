@@ -284,8 +284,6 @@ def compact(data: dict, s: dict) -> dict:
 
 def write_study_report(out: Path, data: dict, cfg) -> Path:
     """report.md, results.json's "summary", study_summary.json and the figures, in `out`."""
-    from .figures import band_plot, grid_plot
-
     s = summarise(data, cfg.bootstrap)
     data["summary"] = s
     (out / "results.json").write_text(json.dumps(data, indent=1))
@@ -402,13 +400,23 @@ def write_study_report(out: Path, data: dict, cfg) -> Path:
         lines.append("")
     lines += ["![validation score over the normalised beta grid](grid.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
+    write_study_figures(out, s)
+    return out / "report.md"
+
+
+def write_study_figures(out: Path, s: dict) -> None:
+    """curves.png (held-out score over steps, if the final phase ran) and grid.png (the DPO beta
+    grids) from a `summarise` dict, e.g. the "summary" stored in results.json:
+    `write_study_figures(Path("docs/study"), json.load(open("docs/study/results.json"))["summary"])`."""
+    from .figures import beta_scan, score_curves
+
+    f = s.get("final")
     if f:
         series = {space: [(p["step"], p["mean"], p["low"], p["high"]) for p in f["curves"][space]]
                   for space in SPACES}
         target = f["ncp_steps_to_latent_final"]["target"] if f.get("ncp_steps_to_latent_final") else None
-        band_plot(series, target, title="held-out judge score, mean of training seeds, 95% band over seeds").save(
-            out / "curves.png")
-    grid_plot({NAMES[space]: [(r["beta"], r["mean"], r["mean"] + r["diff_ci"][0] - r["diff"],
-                               r["mean"] + r["diff_ci"][1] - r["diff"]) for r in rows]
-               for space, rows in s["grids"].items() if rows}).save(out / "grid.png")
-    return out / "report.md"
+        score_curves(out / "curves.png", series, target, title="held-out prompts, mean of training seeds, "
+                     "95% band over seeds", ylabel="mean toy-judge score (held out)")
+    beta_scan(out / "grid.png", {space: [(r["beta"], r["mean"], r["mean"] + r["diff_ci"][0] - r["diff"],
+                                          r["mean"] + r["diff_ci"][1] - r["diff"]) for r in rows]
+                                 for space, rows in s["grids"].items() if rows})

@@ -151,6 +151,8 @@ class TrainConfig:
     eval_scorer_path: str | None = option(None, "Local path or hub id of the eval scorer's weights.")
     eval_seeds: list[int] = option([0], "Seeds per eval prompt.")
     log_rank_metrics: bool = option(False, "Also write each process's own metrics (metrics_rank<i>.jsonl); for debugging.")
+    progress_desc: str = option("train", "Label of the progress bar (callers such as `ncppo demo` name the stage); "
+                                         "not a flag.", cli=False)
 
     def validate(self) -> None:
         """Fail before anything is loaded, naming the flag."""

@@ -145,7 +145,7 @@ def train(config: TrainConfig) -> TrainResult:
         raise ValueError(f"--data {config.data}: no usable pairs for batch size {config.batch_size} x {world} processes")
     epoch, skip = divmod(state["micro_steps"], micro_per_epoch)
     window, consecutive_bad, stopped = _MetricWindow(), 0, None
-    progress = tqdm(total=config.max_steps, initial=state["step"], desc="train", unit="step",
+    progress = tqdm(total=config.max_steps, initial=state["step"], desc=config.progress_desc, unit="step",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     step_started, logged_step = time.perf_counter(), state["step"]
     unet.train()
