@@ -171,3 +171,24 @@ def test_mistyped_files_fail_at_once_and_an_unreachable_hub_fails_once_quickly(t
         assert result["code"] == 2 and len(lines) == 1, (name, result)
         assert lines[0].startswith(start), (name, lines[0])
         assert result["seconds"] < 10, (name, result["seconds"])  # before: 35-64 s of retries
+
+
+def test_data_check_names_the_file_of_an_undecodable_image(capsys, tmp_path):
+    """The report named PIL's buffer (`<_io.BytesIO object at 0x...>`), not the row's image file."""
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    for name, color in (("a.png", "red"), ("b.png", "blue")):
+        Image.new("RGB", (32, 32), color).save(tmp_path / "images" / name)
+    (tmp_path / "images" / "broken.png").write_bytes(b"not an image at all")
+    (tmp_path / "pairs.csv").write_text("caption,image_0,image_1,label_0\nred or blue,a.png,b.png,1\n"
+                                        "broken,a.png,broken.png,0\n")
+    report = tmp_path / "report.json"
+    capsys.readouterr()
+    main(["data", "check", str(tmp_path / "pairs.csv"), "--json", str(report)])
+    printed = "".join(capsys.readouterr())
+    expected = "row 1: image 1 file 'broken.png' cannot be decoded (UnidentifiedImageError: cannot identify image file)"
+    assert expected in printed, printed[-2000:]
+    assert "BytesIO" not in printed and "object at 0x" not in printed
+    assert "image 1 file 'broken.png' cannot be decoded" in report.read_text()
+    assert "BytesIO" not in report.read_text()

@@ -18,7 +18,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..configs import option
-from .pairs import BadRowError, PairTable, is_soft_label, open_pairs, parse_label
+from .pairs import BadRowError, PairTable, image_name, is_soft_label, open_pairs, parse_label
 
 ERROR_KINDS = ("bad_label", "undecodable_image", "empty_image", "missing_image")
 WARNING_KINDS = ("tie", "unusual_mode", "empty_caption", "long_caption", "duplicate_pair", "same_image_twice",
@@ -158,7 +158,7 @@ def check_pairs(source: str | PairTable, *, split: str = "train", image_dir: str
                     continue
                 digests.append(hashlib.blake2b(data, digest_size=16).digest())
                 try:
-                    img = table.decode(row, k, data)
+                    img = table.decode(row, k, data, name=image_name(values[table.image_columns[k]]))
                 except BadRowError as err:
                     note("empty_image" if "zero size" in err.reason else "undecodable_image", row, err.reason)
                     has_error = True

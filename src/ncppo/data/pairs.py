@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,13 @@ def parse_label(value: Any) -> float | None:
 def is_soft_label(label: float | None) -> bool:
     """A valid label other than 0, 0.5 and 1."""
     return label is not None and label not in VALID_LABELS
+
+
+def image_name(value: Any) -> str | None:
+    """The file a raw image value names (a path or uid, or a datasets Image's "path"), else None."""
+    if isinstance(value, dict):
+        value = value.get("path")
+    return value if isinstance(value, str) and value.strip() else None
 
 
 def open_image(data: bytes) -> Image.Image:
@@ -388,15 +396,19 @@ class PairTable:
         images = [to_rgb(self.decode(row, k, values[self.image_columns[k]])) for k in (0, 1)]
         return PairRecord(row, meta.caption, images[0], images[1], meta.label_0)
 
-    def decode(self, row: int, k: int, value: Any) -> Image.Image:
-        """Image `k` of `row` from its raw value, in its original mode (BadRowError if unusable)."""
+    def decode(self, row: int, k: int, value: Any, name: str | None = None) -> Image.Image:
+        """Image `k` of `row` from its raw value (or its bytes, read from the file `name`), in its
+        original mode (BadRowError if unusable, naming the file when the row names one)."""
         data = self.image_bytes(row, k, value)
+        name = name or image_name(value)
+        what = f"image {k}" + (f" file {name!r}" if name else "")
         try:
             img = open_image(data)
-        except Exception as err:
-            raise BadRowError(row, self.source, f"image {k} cannot be decoded ({type(err).__name__}: {err})") from None
+        except Exception as err:  # PIL names the buffer it read ("<_io.BytesIO object at 0x...>"): dropped
+            reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err))
+            raise BadRowError(row, self.source, f"{what} cannot be decoded ({type(err).__name__}: {reason})") from None
         if img.width == 0 or img.height == 0:
-            raise BadRowError(row, self.source, f"image {k} has zero size")
+            raise BadRowError(row, self.source, f"{what} has zero size")
         return img
 
     def image_bytes(self, row: int, k: int, value: Any) -> bytes:
