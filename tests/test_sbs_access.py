@@ -247,14 +247,16 @@ def _start(folders, out, names, port):
     raise AssertionError("no serving line: " + "".join(lines))
 
 
-def _stop(proc):
+def _stop(proc) -> tuple[int, str]:
+    """Ctrl-C the server; its exit code and the rest of its output."""
     proc.send_signal(signal.SIGINT)
     try:
-        proc.wait(15)
+        rest, _ = proc.communicate(timeout=15)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+    return proc.returncode, rest
 
 
 def test_cli_private_links_vote_and_survive_a_restart(tmp_path, folders):
@@ -280,7 +282,8 @@ def test_cli_private_links_vote_and_survive_a_restart(tmp_path, folders):
                        json=dict(key=state["item"]["key"], question="general", choice="right"))
         assert r.status_code == 200
     finally:
-        _stop(proc)
+        code, rest = _stop(proc)
+    assert (code, rest) == (0, "")  # Ctrl-C ends it quietly: no traceback
 
     names.write_text("ann\nbob\ncat\n")
     proc, text = _start(folders, out, names, port)

@@ -67,7 +67,7 @@ class ServeConfig:
                                           "(e.g. https://sbs.example.org behind a TLS proxy); none = "
                                           "http://HOST:PORT", metavar="URL")
     max_votes_per_second: int = option(5, "with --annotators: votes one link may cast per second (beyond: HTTP "
-                                          "429, nothing saved); 0 = no limit")
+                                          "429, nothing saved); 0 = no limit", metavar="N")
     shuffle_seed: int = option(0, "seed of each annotator's item order and left/right layout (recorded in every vote)")
 
     def validate(self) -> None:
@@ -371,8 +371,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def _url_host(host: str) -> str:
+    """`host` as written in a URL; the machine's name for a wildcard address (0.0.0.0, ::)."""
     if host in WILDCARD:
-        host = socket.getfqdn()
+        host = socket.gethostname()
     return f"[{host}]" if ":" in host else host
 
 
@@ -396,7 +397,10 @@ def run_serve(config: ServeConfig) -> None:
                              max_votes_per_second=config.max_votes_per_second)
             _announce(config, session, local, names, new_links)
             server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-            server.run(sockets=[sock])
+            try:
+                server.run(sockets=[sock])
+            except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down and re-raises it (uvicorn.run swallows it)
+                pass
             if not server.started:
                 raise RunError(f"the server on {config.host}:{port} did not start")
         finally:
