@@ -192,3 +192,23 @@ def test_data_check_names_the_file_of_an_undecodable_image(capsys, tmp_path):
     assert "BytesIO" not in printed and "object at 0x" not in printed
     assert "image 1 file 'broken.png' cannot be decoded" in report.read_text()
     assert "BytesIO" not in report.read_text()
+
+
+def test_run_files_exports_and_checkpoints_follow_the_umask(tiny_sd_path, pairs_parquet, tmp_path):
+    """safetensors writes 0600; under umask 022 every file a run or an export writes is 0644."""
+    run = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        assert main(["train", "--model", str(tiny_sd_path), "--data", str(pairs_parquet), "--output-dir", str(run),
+                     "--resolution", "32", "--batch-size", "1", "--lora-rank", "4", "--max-steps", "1",
+                     "--report-to", "none", "--checkpoint-every", "1", "--space", "latent"]) == 0
+        for fmt in ("kohya", "diffusers"):
+            assert main(["export", str(run), "--format", fmt, "--out", str(tmp_path / f"{fmt}.safetensors")]) == 0
+    finally:
+        os.umask(old)
+    checkpoint_files = [p for p in (run / "checkpoint-1").rglob("*") if p.is_file()]
+    files = [run / "pytorch_lora_weights.safetensors", run / "manifest.json", *checkpoint_files,
+             tmp_path / "kohya.safetensors", tmp_path / "diffusers.safetensors"]
+    assert any(p.suffix == ".safetensors" for p in checkpoint_files), checkpoint_files
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {"0o644"}, modes

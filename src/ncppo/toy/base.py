@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..publish.files import follow_umask
 from . import world
 
 SHIPPED_BASE = Path(__file__).parent / "assets" / "base"
@@ -245,6 +246,7 @@ def build_base(cfg: BuildConfig) -> Path:
         pipe.unet.to(torch.float16)
         pipe.vae.to(torch.float16)
     pipe.save_pretrained(out)
+    follow_umask(out)  # safetensors writes 0600
     timings["total_s"] = time.time() - t_start
     write_manifest(out / "manifest.json", command="toy build", config=cfg, kind="ncppo toy base", timings=timings,
                    threads=torch.get_num_threads(), device=cfg.device, vae_scaling_factor=scaling,

@@ -118,6 +118,9 @@ def _sync_tree(folder: Path, hashes: bool = False) -> dict[str, list]:
 def publish(tmp: Path, final: Path) -> None:
     """Rename the complete, fsynced `tmp` (file or folder) to `final`, replacing an old one only
     after the new one is in place. A crash in between leaves `.old-<name>`, restored by `clean_stale`."""
+    from ..publish.files import follow_umask
+
+    follow_umask(tmp)  # safetensors writes 0600; the run's files follow the umask as any other file
     old = final.with_name(f"{OLD}{final.name}")
     if final.exists():
         if old.exists():
