@@ -212,3 +212,43 @@ def test_run_files_exports_and_checkpoints_follow_the_umask(tiny_sd_path, pairs_
     assert any(p.suffix == ".safetensors" for p in checkpoint_files), checkpoint_files
     modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files}
     assert set(modes.values()) == {"0o644"}, modes
+
+
+def test_model_toy_names_the_shipped_base_everywhere(tmp_path, capsys):
+    """`--model toy` (or `model: toy` in YAML) is the tiny SD pipeline shipped with ncppo, for every
+    command that takes --model, and each such command's --help says so."""
+    import argparse
+
+    from ncppo.cli import build_parser
+    from ncppo.configs import config_from_args
+    from ncppo.train.config import TrainConfig
+
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    out = tmp_path / "samples"
+    assert main(["sample", "--model", "toy", "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out),
+                 "--steps", "2"]) == 0
+    rows = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["model"] == str(SHIPPED_BASE) and (out / rows[0]["file"]).is_file()
+
+    (tmp_path / "run.yaml").write_text("model: toy\ndata: pairs\noutput_dir: run\n")
+    config = config_from_args(TrainConfig, argparse.Namespace(), tmp_path / "run.yaml")
+    assert config.model == str(SHIPPED_BASE)
+
+    with_model = [(command, sub) for command, sub in parsers(build_parser())
+                  if any("--model" in a.option_strings for a in sub._actions)]
+    names = {command for command, _ in with_model}
+    assert {"ncppo train", "ncppo sample", "ncppo data cache", "ncppo export", "ncppo demo"} <= names, names
+    for command, sub in with_model:
+        (action,) = [a for a in sub._actions if "--model" in a.option_strings]
+        assert "toy = the tiny SD pipeline shipped with ncppo" in action.help, command
+
+
+def parsers(parser, prefix="ncppo"):
+    """(command path, parser) of every subcommand."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield f"{prefix} {name}", sub
+                yield from parsers(sub, f"{prefix} {name}")

@@ -22,6 +22,18 @@ class ConfigError(ValueError):
     """A config value is missing or invalid; the message names the flag."""
 
 
+# Names every `--model` (and YAML `model:`) takes besides hub ids and folders: folders shipped with
+# ncppo, relative to the package. `toy`: the toy world's tiny SD pipeline (./toy for a folder of that name).
+MODEL_ALIASES = {"toy": ("toy", "assets", "base")}
+
+
+def resolve_model(value):
+    """The folder a `--model` alias names (`toy`: the shipped toy base), else `value` unchanged."""
+    if isinstance(value, str) and value in MODEL_ALIASES:
+        return str(Path(__file__).parent.joinpath(*MODEL_ALIASES[value]))
+    return value
+
+
 def option(default, help: str, **meta):
     """A config field with its --help text (and optional `choices`); list defaults are copied."""
     if isinstance(default, list):
@@ -104,6 +116,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, skip: tuple
         shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         help_text = f.metadata.get("help", "")
+        if f.name == "model":
+            help_text += f" ({', '.join(MODEL_ALIASES)} = the tiny SD pipeline shipped with ncppo)"
         help_text += " (required)" if required else f" (default: {shown})"
         kwargs: dict[str, Any] = dict(help=help_text, default=argparse.SUPPRESS, dest=f.name)
         if base is bool:
@@ -157,7 +171,7 @@ def build_config(cls, values: dict[str, Any], source: str = "config"):
         choices = names[key].metadata.get("choices")
         if choices is not None and value not in choices:
             raise ConfigError(f"{flag(key)}: {value!r} is not one of {list(choices)}")
-        kwargs[key] = value
+        kwargs[key] = resolve_model(value) if key == "model" else value
     missing = [n for n, f in names.items() if n not in kwargs
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
