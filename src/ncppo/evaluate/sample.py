@@ -75,7 +75,8 @@ def _check_prompt(value, source, row) -> str:
 def read_prompts(source: str | Path, *, column: str | None = None, split: str = "train",
                  unique: bool = False, limit: int | None = None) -> list[str]:
     """Prompts from a .txt (one a line, blank lines skipped), .csv / .tsv / .jsonl / .json / .parquet column,
-    a `datasets` `save_to_disk` folder or a `datasets` hub id (`split`, `column`).
+    a `datasets` `save_to_disk` folder or a `datasets` hub id (`split`, `column`), or a toy-world split
+    (`toy:train`, `toy:validation`, `toy:eval`, `toy:all`).
 
     A .json file may be a list of strings (the HPSv2 benchmark files) or of objects. The column
     defaults to the first of prompt, caption, Prompt, text. `unique` keeps the first occurrence of
@@ -83,7 +84,9 @@ def read_prompts(source: str | Path, *, column: str | None = None, split: str = 
     """
     path = Path(source)
     suffix = path.suffix.lower()
-    if path.is_file() and suffix == ".txt":
+    if str(source).startswith(TOY_PROMPTS) and not path.exists():
+        prompts = _toy_prompts(str(source))
+    elif path.is_file() and suffix == ".txt":
         prompts = [line.strip() for line in _read_text(path).splitlines() if line.strip()]
     elif path.is_file() and suffix in (".csv", ".tsv"):
         text = _read_text(path)
@@ -109,6 +112,19 @@ def read_prompts(source: str | Path, *, column: str | None = None, split: str = 
     if not prompts:
         raise PromptSourceError(f"{source}: no prompts")
     return prompts
+
+
+TOY_PROMPTS = "toy:"  # toy:train, toy:validation, toy:eval, toy:all: the toy world's prompt splits
+
+
+def _toy_prompts(source: str) -> list[str]:
+    from ..toy import world
+
+    split = source[len(TOY_PROMPTS):]
+    try:
+        return world.prompts(split)
+    except ValueError as err:
+        raise PromptSourceError(f"{source}: {err}") from None
 
 
 def _read_text(path: Path) -> str:
@@ -344,9 +360,9 @@ class SampleConfig:
     out: str = field(metadata={"help": "output folder (images/, index.jsonl, sample_manifest.json)"})
     lora: str | None = field(default=None, metadata={"help": "LoRA weights file or folder (pipe.load_lora_weights)"})
     lora_scale: float = field(default=1.0, metadata={"help": "LoRA strength"})
-    unet: str | None = field(default=None, metadata={"help": "full fine-tuned denoiser folder replacing the base one "
     vae: str | None = field(default=None, metadata={"help": "separate VAE (hub id or folder), e.g. the one a run "
                                                             "was trained with (train --vae)"})
+    unet: str | None = field(default=None, metadata={"help": "full fine-tuned denoiser folder replacing the base one "
                                                              "(a run's unet/ or transformer/, or the run folder)"})
     revision: str | None = field(default=None, metadata={"help": "model revision (hub ids)"})
     variant: str | None = field(default=None, metadata={"help": "weights variant, e.g. fp16"})
@@ -501,7 +517,6 @@ def _all_agree(state, ok: bool) -> bool:
     return bool(reduce(flag, reduction="sum").item() == 0)
 
 
-def run_sample(config: SampleConfig) -> Path:
 def sampling_state(device: str):
     """accelerate's process state for sampling on `device` ("auto" or "cpu")."""
     from accelerate import PartialState
@@ -511,6 +526,7 @@ def sampling_state(device: str):
     return PartialState(cpu=cpu)
 
 
+def run_sample(config: SampleConfig) -> Path:
     """Generate the missing images of (prompt, seed) for every prompt and seed, split across the
     accelerate processes, then write index.jsonl and the run manifest. Returns the output folder."""
     from accelerate import PartialState
