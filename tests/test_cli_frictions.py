@@ -252,3 +252,34 @@ def parsers(parser, prefix="ncppo"):
             for name, sub in action.choices.items():
                 yield f"{prefix} {name}", sub
                 yield from parsers(sub, f"{prefix} {name}")
+
+
+def test_help_states_each_default_once(capsys):
+    """A field whose help states its default (`(default 200; --quick 10)`, `Default: half the
+    blocks.`) gets no second `(default: None)` from argparse; a `%` in a help renders as itself."""
+    import re
+
+    from ncppo.cli import build_parser
+
+    checked = 0
+    for command, sub in parsers(build_parser()):
+        capsys.readouterr()
+        try:
+            main([*command.split()[1:], "--help"])
+        except SystemExit:
+            pass
+        out = capsys.readouterr().out
+        assert "{'option_strings'" not in out, command  # a bare % made argparse print its action dict
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            if not action.help or action.help == "==SUPPRESS==":
+                continue
+            text = " ".join(formatter._expand_help(action).split())
+            rest, appended = re.subn(r"\s*\(default: [^()]*\)$", "", text)
+            assert not (appended and re.search(r"\bdefault", rest, re.IGNORECASE)), (command, text)
+            assert len(re.findall(r"\(default", text)) <= 1, (command, text)
+            checked += 1
+    assert checked > 150, checked
+    demo = dict(parsers(build_parser()))["ncppo demo"]
+    (steps,) = [a for a in demo._actions if "--steps" in a.option_strings]
+    assert steps.help == "optimizer steps per method (default 200; --quick 10)"

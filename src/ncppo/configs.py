@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -118,7 +119,11 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, skip: tuple
         help_text = f.metadata.get("help", "")
         if f.name == "model":
             help_text += f" ({', '.join(MODEL_ALIASES)} = the tiny SD pipeline shipped with ncppo)"
-        help_text += " (required)" if required else f" (default: {shown})"
+        if required:
+            help_text += " (required)"
+        elif not re.search(r"\bdefault", help_text, re.IGNORECASE):  # else the help states its default itself
+            help_text += f" (default: {'none' if shown == '' else shown})"
+        help_text = help_text.replace("%%", "%").replace("%", "%%")  # argparse %-formats help: "~30%" broke it
         kwargs: dict[str, Any] = dict(help=help_text, default=argparse.SUPPRESS, dest=f.name)
         if base is bool:
             kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
