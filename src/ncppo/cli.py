@@ -24,7 +24,8 @@ EXPECTED = (ConfigError, NcppoError, OSError)
 COMMAND_MODULES = (
     "ncppo.train.commands",  # train
     "ncppo.evaluate.commands",  # sample, score, compare
-    "ncppo.data.commands",  # data check | curate | cache
+    "ncppo.data.commands",  # data check | curate | cache | generate
+    "ncppo.online.commands",  # iterate
     "ncppo.toy.commands",  # demo, toy build | data | study
     "ncppo.sbs.commands",  # sbs serve | results | export
     "ncppo.publish.commands",  # export (kohya, diffusers, merged; model card)

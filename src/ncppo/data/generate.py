@@ -448,6 +448,20 @@ class _disk_full_is_a_run_error:
         return False
 
 
+def labelling_scorers(data: str) -> list[str]:
+    """The scorers that labelled a `data generate` dataset (from its manifest), or [] for other data."""
+    manifest = Path(data) / MANIFEST
+    if not manifest.is_file():
+        return []
+    try:
+        record = json.loads(manifest.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return []
+    if record.get("kind") != "ncppo generated pairs":
+        return []
+    return [s["name"] for s in record.get("scorers", [])]
+
+
 def run_command(config: GenerateConfig) -> tuple[Path, int]:
     """`ncppo data generate`: run, then print what was made."""
     out = run_generate(config)

@@ -346,6 +346,16 @@ def _evaluation(run: TrainedRun, evals) -> str:
                          f"[{100 * h['win_rate_ci'][0]:.1f}%, {100 * h['win_rate_ci'][1]:.1f}%] |" for h in history)
         parts.append(f"During training (`{run.config.get('eval_scorer')}` on `{run.config.get('eval_prompts')}`):\n\n"
                      f"| step | mean score | win rate vs step 0 [95% CI] |\n|---|---|---|\n{rows}")
+    best = (run.manifest or {}).get("best")
+    if best:
+        gold = [h for h in (run.manifest or {}).get("eval_history") or [] if "gold_score" in h]
+        rows = "\n".join(f"| {h['step']} | {h['gold_score']:.4g} | "
+                         + (f"{h['mean_score']:.4g}" if "mean_score" in h else "-") + " |" for h in gold)
+        which = ("these weights are that step's (`best/`): the run stopped when gold fell" if best.get("is_result")
+                 else "its weights are in `best/`; the run's own weights are its last step's")
+        parts.append(f"Gold guard (`{run.config.get('gold_scorer')}`, a scorer that did not label the training "
+                     f"pairs, on `{run.config.get('eval_prompts')}`): best gold score {best['gold_score']:.4g} at step "
+                     f"{best['step']}; {which}.\n\n| step | gold score | proxy score |\n|---|---|---|\n{rows}")
     if not parts:
         return ("## Evaluation\n\nNo evaluation is attached to this card. Evaluate with `ncppo sample`, `ncppo score` "
                 "and `ncppo compare`, then `ncppo export RUN --card --eval COMPARE_DIR`.")

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import world
-from .judge import judge_score
+from .judge import judge_score, proxy_score
 
 PAIR_FLAW_RATES: dict[str, float] = {
     "colour": 0.5, "shape": 0.25, "background": 0.1, "offcentre": 0.25, "size": 0.25, "blur": 0.2, "speckle": 0.2,
@@ -41,6 +41,9 @@ class DataConfig:
     temperature: float = field(default=0.5, metadata={"help": "Bradley-Terry temperature of the labels "
                                                               "(judge-score units); 0 = always the higher score"})
     tie_margin: float = field(default=0.1, metadata={"help": "score difference below which a pair is a tie"})
+    labeller: str = field(default="toy-judge", metadata={
+        "help": "who labels the pairs: toy-judge, or toy-proxy (the judge with a blind spot for oversized shapes: "
+                "pairs for reward-hacking studies)", "choices": ["toy-judge", "toy-proxy"]})
     model: str | None = field(default=None, metadata={"help": "recorded in the manifest only: the base the "
                                                                "pairs are meant for (renders are off-policy)"})
     progress_desc: str = field(default="toy pairs", metadata={"help": "progress bar label", "cli": False})
@@ -72,13 +75,14 @@ def make_rows(cfg: DataConfig) -> list[dict]:
     """The rows of `cfg.pairs` pairs (deterministic given cfg.seed)."""
     prompt_list = world.prompts(cfg.split)
     rng = np.random.default_rng(cfg.seed)
+    score = proxy_score if cfg.labeller == "toy-proxy" else judge_score
     rows = []
     for i in tqdm(range(cfg.pairs), desc=cfg.progress_desc, leave=False):
         prompt = prompt_list[int(rng.integers(len(prompt_list)))]
         seeds = rng.integers(2**31, size=2)
         flaws = [world.random_flaws(rng, PAIR_FLAW_RATES) for _ in range(2)]
         images = [world.render_prompt(prompt, int(s), f) for s, f in zip(seeds, flaws)]
-        scores = [judge_score(im, prompt) for im in images]
+        scores = [score(im, prompt) for im in images]
         label = bradley_terry_label(scores[0], scores[1], float(rng.random()), cfg.temperature, cfg.tie_margin)
         rows.append(dict(caption=prompt, jpg_0=png_bytes(images[0]), jpg_1=png_bytes(images[1]),
                          label_0=label, label_1=1.0 - label,

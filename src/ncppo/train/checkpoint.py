@@ -495,3 +495,49 @@ def save_full_unet(unet, output_dir: str | Path, subfolder: str = "unet") -> Pat
     test_fault("final-written", 0)
     publish(tmp, out)
     return out
+
+
+BEST = "best"
+BEST_RECORD = "best.json"
+
+
+def save_best(adapter, unet, output_dir: str | Path, record: dict, *, lora: bool) -> Path:
+    """`output_dir/best/`: the weights of the best gold evaluation so far (as the run's own output:
+    the LoRA file, or the denoiser folder) and `best.json` (`record`: step, scores), written under a
+    temporary name and renamed over the previous best."""
+    output_dir = Path(output_dir)
+    tmp = output_dir / f"{TMP}{BEST}"
+    _remove(tmp)
+    tmp.mkdir(parents=True)
+    if lora:
+        save_lora_weights(adapter, unet, tmp)
+    else:
+        save_full_unet(unet, tmp, subfolder=adapter.lora_component)
+    (tmp / BEST_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    _sync_tree(tmp)
+    final = output_dir / BEST
+    publish(tmp, final)
+    return final
+
+
+def promote_best(output_dir: str | Path) -> Path:
+    """Make the best evaluation's weights the run's result: copy best/'s weights (file or folder) to
+    `output_dir`, each through a temporary name; returns the result's path."""
+    output_dir = Path(output_dir)
+    result = None
+    for item in sorted((output_dir / BEST).iterdir()):
+        if item.name == BEST_RECORD:
+            continue
+        tmp = output_dir / f"{TMP}{item.name}"
+        _remove(tmp)
+        if item.is_dir():
+            shutil.copytree(item, tmp)
+        else:
+            shutil.copy2(item, tmp)
+        if tmp.is_dir():
+            _sync_tree(tmp)
+        else:
+            fsync_file(tmp)
+        publish(tmp, output_dir / item.name)
+        result = output_dir / item.name
+    return result

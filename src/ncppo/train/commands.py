@@ -24,4 +24,4 @@ def run(args) -> int:
 
     result = train(config)
     print(f"saved {result.weights_path} after {result.steps} steps")
-    return 1 if result.stopped_early else 0
+    return 1 if result.stopped_early and not result.gold_stopped else 0

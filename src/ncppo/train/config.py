@@ -81,14 +81,14 @@ class TrainConfig:
     lora_targets: list[str] | None = option(None, "Denoiser modules that get LoRA adapters; default the attention "
                                                   "projections: to_q, to_k, to_v, to_out.0 (U-Nets), plus the joint/context "
                                                   "add_q_proj, add_k_proj, add_v_proj, to_add_out (SD3, FLUX).")
-
-    # --- data ----------------------------------------------------------------------------------
-    split: str = option("train", "Dataset split (datasets ids and folders).")
-    image_dir: str | None = option(None, "Image folder for CSV/JSONL pair files (default: beside the file).")
     init_lora: str | None = option(None, "LoRA file or run folder to start from instead of a fresh adapter (continue a "
                                          "LoRA: on-policy rounds); its rank and alpha must be --lora-rank/--lora-alpha.")
     reference_lora: str | None = option(None, "DPO reference = the base with this LoRA (frozen) instead of the bare base "
                                               "(iterative DPO's previous policy). The NCP encoder stays the bare base.")
+
+    # --- data ----------------------------------------------------------------------------------
+    split: str = option("train", "Dataset split (datasets ids and folders).")
+    image_dir: str | None = option(None, "Image folder for CSV/JSONL pair files (default: beside the file).")
     resolution: int | None = option(None, "Training resolution in pixels (square); default 512, or the latent "
                                           "cache's own (--data from `ncppo data cache`).")
     crop: str = option("center", "Crop after resizing the shorter side.", choices=("center", "random"))
@@ -150,6 +150,14 @@ class TrainConfig:
     eval_scorer: str | None = option(None, "Scorer for the eval hook (see `ncppo score --help`), e.g. pickscore, toy-judge.")
     eval_scorer_path: str | None = option(None, "Local path or hub id of the eval scorer's weights.")
     eval_seeds: list[int] = option([0], "Seeds per eval prompt.")
+    gold_scorer: str | None = option(None, "Gold scorer: a reward model that did NOT label the training pairs (or "
+                                           "module:callable), scored on the held-out --eval-prompts every --gold-every "
+                                           "steps beside --eval-scorer (the proxy), against reward hacking. The best "
+                                           "step's weights are kept in best/.")
+    gold_scorer_path: str | None = option(None, "Local path or hub id of the gold scorer's weights.")
+    gold_every: int = option(0, "Evaluate the gold scorer every N steps (and at step 0); 0 = every --eval-every steps.")
+    stop_on_gold_drop: float | None = option(None, "Stop once the gold score falls this much below its best; the "
+                                                   "result (the run's weights, best/) is then the best step's. none: never.")
     log_rank_metrics: bool = option(False, "Also write each process's own metrics (metrics_rank<i>.jsonl); for debugging.")
     progress_desc: str = option("train", "Label of the progress bar (callers such as `ncppo demo` name the stage); "
                                          "not a flag.", cli=False)
@@ -193,8 +201,23 @@ class TrainConfig:
             raise ConfigError(f"--max-train-samples must be >= 1, got {self.max_train_samples}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ConfigError(f"--checkpoints-total-limit must be >= 1 (or none), got {self.checkpoints_total_limit}")
-        if self.eval_every and not (self.eval_prompts and self.eval_scorer):
-            raise ConfigError("--eval-every needs --eval-prompts and --eval-scorer")
+        if self.eval_every and not (self.eval_prompts and (self.eval_scorer or self.gold_scorer)):
+            raise ConfigError("--eval-every needs --eval-prompts and --eval-scorer (or --gold-scorer)")
+        if self.gold_every < 0:
+            raise ConfigError(f"--gold-every must be >= 0, got {self.gold_every}")
+        if self.gold_scorer:
+            if not self.eval_prompts:
+                raise ConfigError("--gold-scorer needs held-out --eval-prompts to score")
+            if not (self.gold_every or self.eval_every):
+                raise ConfigError("--gold-scorer needs --gold-every (or --eval-every) > 0")
+            if self.eval_scorer and self.gold_scorer == self.eval_scorer:
+                raise ConfigError(f"--gold-scorer {self.gold_scorer} is also --eval-scorer: the gold score must come "
+                                  "from a scorer the proxy is not")
+        if self.stop_on_gold_drop is not None:
+            if not self.gold_scorer:
+                raise ConfigError("--stop-on-gold-drop needs --gold-scorer")
+            if not self.stop_on_gold_drop > 0:
+                raise ConfigError(f"--stop-on-gold-drop must be > 0, got {self.stop_on_gold_drop}")
         if self.compile:
             from torch._dynamo import list_backends
 
@@ -204,12 +227,12 @@ class TrainConfig:
                                   f"known: {', '.join(known)}")
         if self.finetune == "lora" and self.lora_targets is not None and not self.lora_targets:
             raise ConfigError("--lora-targets must name at least one module")
+        for name in ("init_lora", "reference_lora"):
+            if getattr(self, name) and self.finetune != "lora":
+                raise ConfigError(f"--{name.replace('_', '-')} needs --finetune lora")
         if self.ncp_blocks is not None and self.ncp_blocks < 1:
             raise ConfigError(f"--ncp-blocks must be >= 1, got {self.ncp_blocks}")
         if not self.logit_std > 0:
             raise ConfigError(f"--logit-std must be > 0, got {self.logit_std}")
         if self.flow_shift is not None and not self.flow_shift > 0:
             raise ConfigError(f"--flow-shift must be > 0, got {self.flow_shift}")
-        for name in ("init_lora", "reference_lora"):
-            if getattr(self, name) and self.finetune != "lora":
-                raise ConfigError(f"--{name.replace('_', '-')} needs --finetune lora")

@@ -25,7 +25,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import build_dataloader, describe, fingerprint, usable_pairs
 from .distributed import check_supported
-from .hooks import EvalHook, ValidationHook
+from .hooks import EvalHook, GoldGuard, ValidationHook
 from .step import Reference, preference_step
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -39,6 +39,7 @@ class TrainResult:
     final_metrics: dict = field(default_factory=dict)
     eval_history: list = field(default_factory=list)
     stopped_early: str | None = None
+    gold_stopped: bool = False  # stopped by --stop-on-gold-drop: a result (best/), not a failure
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -74,6 +75,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     # 2. Data: validated pair rows, deterministic order per epoch, no replay on resume. Built (and
     # the checkpoint to resume chosen) before the models load, so bad input fails in seconds.
+    _check_gold_is_not_a_labeller(config)
     dataset, dataloader, sampler = build_dataloader(config, world)
     resolution = config.resolution  # resolved by build_dataloader: a latent cache fixes its own
     identity = ckpt.run_identity(config, processes=world, data_fingerprint=fingerprint(dataset),
@@ -124,7 +126,7 @@ def train(config: TrainConfig) -> TrainResult:
         # The steps after the checkpoint (all of them when starting at step 0, e.g. killed before the
         # first checkpoint) are done again: drop what an earlier attempt logged for them, in
         # metrics*.jsonl and in TensorBoard.
-        ckpt.rewind_logs(out, state["step"])
+        ckpt.rewind_logs(out, state["step"] if resume_from is not None else -1)
         if resume_from is not None and config.resume != "latest":
             ckpt.set_aside_newer(out, state["step"])  # an explicit older checkpoint starts a new branch
         purge = {"tensorboard": {"purge_step": state["step"] + 1}}
@@ -136,15 +138,18 @@ def train(config: TrainConfig) -> TrainResult:
     beta_scale = _beta_scale(config, accelerator, state.get("beta_scale"))
     validation = ValidationHook(config, adapter, accelerator)
     evaluation = EvalHook(config, adapter, accelerator, history=state["eval_history"])
+    guard = GoldGuard(config.stop_on_gold_drop)
     if state["step"] == 0:
         evaluation.maybe_run(accelerator.unwrap_model(unet), step=0)
+        _keep_best(accelerator, config, adapter, unet, evaluation, guard, 0)
+    gold_stop = guard.stop_reason(state["eval_history"])  # a resumed run the guard had stopped stays stopped
 
     # 6. The loop.
     micro_per_epoch = len(dataloader)
     if micro_per_epoch == 0:
         raise ValueError(f"--data {config.data}: no usable pairs for batch size {config.batch_size} x {world} processes")
     epoch, skip = divmod(state["micro_steps"], micro_per_epoch)
-    window, consecutive_bad, stopped = _MetricWindow(), 0, None
+    window, consecutive_bad, stopped = _MetricWindow(), 0, gold_stop
     progress = tqdm(total=config.max_steps, initial=state["step"], desc=config.progress_desc, unit="step",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     step_started, logged_step = time.perf_counter(), state["step"]
@@ -201,8 +206,12 @@ def train(config: TrainConfig) -> TrainResult:
             window.clear()
             validation.maybe_run(accelerator.unwrap_model(unet), step)
             evaluation.maybe_run(accelerator.unwrap_model(unet), step)
+            gold_stop = _keep_best(accelerator, config, adapter, unet, evaluation, guard, step)
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 ckpt.save_checkpoint(accelerator, out, step, state, config.checkpoints_total_limit)
+            if gold_stop:
+                stopped = gold_stop
+                break
             if consecutive_bad >= config.max_nonfinite:
                 stopped = (f"{consecutive_bad} consecutive non-finite losses/gradients up to step {step}: "
                            "lower --learning-rate or --beta, or use --mixed-precision bf16/no instead of fp16")
@@ -215,7 +224,8 @@ def train(config: TrainConfig) -> TrainResult:
     # 7. Outputs: final weights, last images, manifest.
     final_unet = accelerator.unwrap_model(unet)
     if stopped is not None:
-        ckpt.save_checkpoint(accelerator, out, state["step"], state, None)
+        if not (out / f"checkpoint-{state['step']}").is_dir():
+            ckpt.save_checkpoint(accelerator, out, state["step"], state, None)
         accelerator.print(f"stopped: {stopped}")
     validation.maybe_run(final_unet, state["step"], final=True)
     weights_path = out
@@ -224,8 +234,11 @@ def train(config: TrainConfig) -> TrainResult:
         from accelerate.utils import gather_object
 
         skipped = gather_object(skipped)
+    best = GoldGuard.best(state["eval_history"])
     if accelerator.is_main_process:
-        if config.finetune == "lora":
+        if gold_stop:  # the guard's result is the best evaluation's weights
+            weights_path = ckpt.promote_best(out)
+        elif config.finetune == "lora":
             weights_path = ckpt.save_lora_weights(adapter, final_unet, out)
         else:
             weights_path = ckpt.save_full_unet(final_unet, out, subfolder=adapter.lora_component)
@@ -236,6 +249,10 @@ def train(config: TrainConfig) -> TrainResult:
                        skipped_rows={"count": len(skipped), "rows": skipped[:1000]},
                        final_metrics=state.get("last_metrics", {}), eval_history=state["eval_history"],
                        weights=str(weights_path), beta_normalization=_beta_record(config, beta_scale),
+                       best=None if best is None else {"dir": ckpt.BEST, "step": best["step"],
+                                                       "gold_score": best["gold_score"],
+                                                       "proxy_score": best.get("mean_score"),
+                                                       "is_result": bool(gold_stop)},
                        peak_gpu_memory_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None)
         from ..publish.card import write_training_card
 
@@ -243,10 +260,42 @@ def train(config: TrainConfig) -> TrainResult:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(out, Path(weights_path), state["step"], state.get("last_metrics", {}),
-                       state["eval_history"], stopped)
+                       state["eval_history"], stopped, gold_stopped=bool(gold_stop))
 
 
 # ----- helpers, in the order the recipe uses them ----------------------------------------------
+
+def _check_gold_is_not_a_labeller(config: TrainConfig) -> None:
+    """--gold-scorer must not be a scorer that labelled --data (a `data generate` dataset names them)."""
+    if not config.gold_scorer:
+        return
+    from ..data.generate import labelling_scorers
+
+    labellers = labelling_scorers(config.data)
+    if config.gold_scorer in labellers:
+        from ..configs import ConfigError
+
+        raise ConfigError(f"--gold-scorer {config.gold_scorer} labelled the pairs of --data {config.data} "
+                          f"(its scorers: {', '.join(labellers)}): the gold score must come from another scorer")
+
+
+def _keep_best(accelerator, config: TrainConfig, adapter, unet, evaluation, guard, step: int) -> str | None:
+    """After a gold evaluation at `step`: save best/ when it is the best so far; return why the guard
+    stops the run, or None. Every process calls it at the same steps and gets the same answer."""
+    if not evaluation.due(step)["gold"]:
+        return None
+    history = evaluation.history
+    reason = None
+    if accelerator.is_main_process:
+        best = GoldGuard.best(history)
+        if best is history[-1]:
+            ckpt.save_best(adapter, accelerator.unwrap_model(unet), config.output_dir,
+                           {"step": step, "gold_score": best["gold_score"], "proxy_score": best.get("mean_score")},
+                           lora=config.finetune == "lora")
+        reason = guard.stop_reason(history)
+    stop = not _all_processes(accelerator, torch.tensor(reason is None, device=accelerator.device))
+    return (reason or "the gold guard stopped the run (decided on the main process)") if stop else None
+
 
 def _level_sampling(config: TrainConfig, adapter):
     """How noise levels are drawn: --timestep-sampling, "auto" being the family's default."""
