@@ -272,7 +272,27 @@ def _saved_without(model: str, revision: str | None) -> dict:
             and isinstance(v, (list, tuple)) and not any(v)}
 
 
+class _NoTextEncoderLoraNotice:
+    """Drops diffusers' "No LoRA keys associated to <text encoder> found" notice while a LoRA loads:
+    ncppo's LoRAs adapt the denoiser only, and `_load_lora` checks that the denoiser got it."""
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("No LoRA keys associated to") and "text_encoder" in message)
+
+
 def _load_lora(pipe, lora: str, looks_like_path) -> None:
+    import logging
+
+    notice, logger = _NoTextEncoderLoraNotice(), logging.getLogger("diffusers.loaders.lora_base")
+    logger.addFilter(notice)
+    try:
+        _load_lora_weights(pipe, lora, looks_like_path)
+    finally:
+        logger.removeFilter(notice)
+
+
+def _load_lora_weights(pipe, lora: str, looks_like_path) -> None:
     lora_path = Path(lora)
     try:
         if lora_path.is_file():
@@ -294,8 +314,10 @@ def _load_lora(pipe, lora: str, looks_like_path) -> None:
 
 
 def lora_sha256(lora: str | None) -> str | None:
-    """Content hash of a LoRA file, or of a folder's weight files (names and bytes); None without a
-    LoRA; a hub id hashes to itself (its revision pins it)."""
+    """Content hash of a LoRA file, or of a folder's weight files (names and contents); None without a
+    LoRA; a hub id hashes to itself (its revision pins it). A .safetensors file counts by its tensors
+    and its metadata, not by the order safetensors happened to write its header keys in (which
+    changes from process to process), so the same weights saved twice hash alike."""
     if not lora:
         return None
     path = Path(lora)
@@ -307,9 +329,26 @@ def lora_sha256(lora: str | None) -> str | None:
     for f in files:
         digest.update(f.name.encode() if len(files) > 1 else b"")
         with open(f, "rb") as fh:
+            if f.suffix == ".safetensors":
+                size = int.from_bytes(fh.read(8), "little")
+                try:
+                    header = json.loads(fh.read(size))
+                    if isinstance(header.get("__metadata__"), dict):
+                        header["__metadata__"] = {k: _canonical_json(v) for k, v in header["__metadata__"].items()}
+                    digest.update(json.dumps(header, sort_keys=True).encode())
+                except (ValueError, UnicodeDecodeError, AttributeError):  # not a safetensors header: bytes
+                    fh.seek(0)
             for block in iter(lambda: fh.read(1 << 22), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def _canonical_json(text: str) -> str:
+    """A metadata value that is JSON (diffusers' lora_adapter_metadata) with its keys sorted."""
+    try:
+        return json.dumps(json.loads(text), sort_keys=True)
+    except (TypeError, ValueError):
+        return text
 
 
 def prompt_hash(prompt: str) -> str:

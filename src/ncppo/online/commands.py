@@ -8,6 +8,8 @@ from ..configs import ConfigError, add_dataclass_arguments, build_config, load_y
 from ..train.config import TrainConfig
 from .config import ROUND_OWNED, IterateConfig
 
+GOLD_FIELDS = ("gold_scorer", "gold_scorer_path", "stop_on_gold_drop")
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -38,7 +40,10 @@ def configs_from_args(args) -> tuple[IterateConfig, TrainConfig]:
     iterate = build_config(IterateConfig, {k: v for k, v in values.items() if k in own}, source=source)
     train_values = {k: v for k, v in values.items() if k in train}
     train_values.update(data="(set per round)", output_dir=str(iterate.out))
-    return iterate, build_config(TrainConfig, train_values, source=source)
+    # The gold scorer may be evaluated between rounds only (no --gold-every): checked by iterate itself.
+    gold = {k: train_values.pop(k) for k in GOLD_FIELDS if k in train_values}
+    train_config = build_config(TrainConfig, train_values, source=source)
+    return iterate, dataclasses.replace(train_config, **{k: v for k, v in gold.items()})
 
 
 def run(args) -> int:

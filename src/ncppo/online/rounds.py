@@ -42,7 +42,7 @@ def iterate(config: IterateConfig, train_config: TrainConfig) -> dict:
     from accelerate import PartialState
 
     config.validate()
-    train_config.validate()
+    in_round(train_config).validate()
     out = Path(config.out)
     scorers = _check_inputs(config, train_config)
     state = PartialState()
@@ -80,7 +80,7 @@ def _run_round(config, train_config, r, folder, lora, scorers, loaded, base, vot
     pairs = folder / "pairs"
     run_generate(_generate_config(config, train_config, r, pairs, lora), extra_rows=votes, scorers=loaded)
     reference = lora if config.reference == "previous" else None
-    weights = _train(dataclasses.replace(train_config, data=str(pairs), output_dir=str(folder / "run"),
+    weights = _train(dataclasses.replace(in_round(train_config), data=str(pairs), output_dir=str(folder / "run"),
                                          resume="latest", init_lora=lora, reference_lora=reference,
                                          # round r trains with seed + 1 + r (the warm start with seed itself)
                                          seed=train_config.seed + 1 + r, progress_desc=f"round {r} train"))
@@ -100,7 +100,8 @@ def _warm_start(config, train_config, out, scorers, loaded, base) -> tuple[str, 
     folder = out / WARM_START
     record = _read_round(folder)
     if record is None:
-        weights = _train(dataclasses.replace(train_config, data=config.warm_start, output_dir=str(folder / "run"),
+        weights = _train(dataclasses.replace(in_round(train_config), data=config.warm_start,
+                                             output_dir=str(folder / "run"),
                                              resume="latest", init_lora=None, reference_lora=None,
                                              progress_desc="warm start train"))
         evaluation = _evaluate(config, train_config, folder / "eval", lora=str(weights), scorers=scorers,
@@ -109,6 +110,14 @@ def _warm_start(config, train_config, out, scorers, loaded, base) -> tuple[str, 
                   "stop": None}
         atomic_write_text(folder / ROUND_FILE, json.dumps(record, indent=2) + "\n")
     return record["lora"], record
+
+
+def in_round(train_config: TrainConfig) -> TrainConfig:
+    """The training settings of one round: without --gold-every / --eval-every the gold scorer is
+    evaluated between rounds only, so a round's own training does not carry it."""
+    if train_config.gold_scorer and not (train_config.gold_every or train_config.eval_every):
+        return dataclasses.replace(train_config, gold_scorer=None, gold_scorer_path=None, stop_on_gold_drop=None)
+    return train_config
 
 
 def _generate_config(config: IterateConfig, train_config: TrainConfig, r: int, out: Path, lora: str | None):
@@ -256,6 +265,10 @@ def _check_inputs(config: IterateConfig, train_config: TrainConfig) -> list[tupl
                                scorer_path=list(config.scorer_path), scorer_option=list(config.scorer_option))
     labelling.validate()
     weighted = labelling.weighted_scorers()
+    if train_config.stop_on_gold_drop is not None and not train_config.gold_scorer:
+        raise ConfigError("--stop-on-gold-drop needs --gold-scorer")
+    if train_config.stop_on_gold_drop is not None and not train_config.stop_on_gold_drop > 0:
+        raise ConfigError(f"--stop-on-gold-drop must be > 0, got {train_config.stop_on_gold_drop}")
     if train_config.gold_scorer in {n for n, *_ in weighted}:
         raise ConfigError(f"--gold-scorer {train_config.gold_scorer} is also a labelling --scorer: the gold score "
                           "must come from a scorer the training pairs were not labelled by")

@@ -110,6 +110,8 @@ def load_callable(spec: str):
             path = Path(module_name).expanduser()
             if not path.is_file():
                 raise InputError(f"scorer {spec}: no such file {module_name}")
+            if str(path.resolve().parent) not in sys.path:  # its own imports of files beside it, as `python file.py`
+                sys.path.append(str(path.resolve().parent))
             module_spec = importlib.util.spec_from_file_location(f"ncppo_user_scorer_{path.stem}", path)
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
