@@ -104,6 +104,19 @@ def test_documented_quick_demo_table_has_the_reports_layout():
     assert _numbers("| 5.686 | 41.7% [0.0%, 83.5%] |") == [(5.686, 0.001), (41.7, 0.1), (0.0, 0.1), (83.5, 0.1)]
 
 
+def test_documented_default_demo_is_the_stored_run(tmp_path):
+    """docs/toy.md's default-demo table is docs/toy/results.json's (the run its figures come from),
+    and the curve figure redraws from that file."""
+    from ncppo.toy.demo import curve_figure
+
+    results = json.loads((TOY_DOC.parent / "toy" / "results.json").read_text())
+    assert _documented("default-demo") == headline_table(results)
+    assert results["steps"] == 200 and results["eval"]["images"] == 96 and results["settings"]["ncp"]["beta"] == 3.0
+    fig = curve_figure(tmp_path / "curve.png", results)
+    assert fig.axes[0].get_ylabel() == "mean toy-judge score (24 images a point)"
+    assert [len(line.get_xdata()) for line in fig.axes[0].get_lines()[:2]] == [9, 9]  # steps 0, 25, ..., 200
+
+
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path, capfd):
     import torch

@@ -124,11 +124,23 @@ def steps_to_reach(history: list[dict], target: float) -> int | None:
     return next((h["step"] for h in history if h["step"] > 0 and h["mean_score"] >= target), None)
 
 
+def curve_figure(path, results: dict):
+    """judge_over_steps.png from a demo's results.json: the held-out score curves with their 95%
+    bands and latent-DPO's final score (docs/toy/ is redrawn this way from its results.json)."""
+    from .figures import score_curves
+
+    curves = results["curves"]
+    return score_curves(path, {s: [(p["step"], p["mean_score"], *p.get("ci95", (None, None))) for p in curves[s]]
+                               for s in SPACES}, results.get("latent_final_curve_score"),
+                        title="held-out prompts, 95% band over prompts then seeds",
+                        ylabel=f"mean toy-judge score ({results['eval']['curve_images']} images a point)")
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """The whole demo; returns the results dict also written to results.json."""
     from ..manifest import write_manifest
     from .data import DataConfig, build_pairs
-    from .figures import NAMES, sample_grid, score_curves
+    from .figures import NAMES, sample_grid
     from .report import write_report
     from .runs import RunSpec, image_set, sample_and_score, train_run
 
@@ -193,10 +205,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                 ["base", "latent-DPO", "NCP-DPO"],
                 columns=[f"{prompts[i].removeprefix('a ').replace(' background', '')} #{seeds[i]}" for i in pick]
                 ).save(out / "samples.png")
-    score_curves(out / "judge_over_steps.png",
-                 {s: [(p["step"], p["mean_score"], *p.get("ci95", (None, None))) for p in histories[s]] for s in SPACES},
-                 target, title="held-out prompts, 95% band over prompts then seeds",
-                 ylabel=f"mean toy-judge score ({len(curve_prompts)} images a point)")
+    curve_figure(out / "judge_over_steps.png", results)
     study = json.loads(STUDY_RECORD.read_text()) if STUDY_RECORD.is_file() else None
     write_report(out / "report.md", results, cfg, r, study)
     write_manifest(out / "manifest.json", command="demo", config=cfg, seed=cfg.seed, resolved=r, timings_s=timings)
