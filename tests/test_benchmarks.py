@@ -27,3 +27,19 @@ def test_gpu_train_small_runs_on_the_cpu(tmp_path, monkeypatch):
     (row,) = results["precision"]
     assert row["t"] == 100 and row["bf16 scaled"] < 0.1 < row["bf16 native"]
     sys.modules.pop("gpu_train", None)
+
+
+def test_generate_speed_small_runs_on_the_cpu(tmp_path, monkeypatch):
+    """benchmarks/generate_speed.py's whole path (sampling, PickScore-path and judge scoring, one
+    end-to-end data generate) on the toy base, with a tiny random CLIP."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import generate_speed
+
+    result = generate_speed.main(["--small", "--out", str(tmp_path), "--prompts", "2", "--per-prompt", "2",
+                                  "--steps", "2", "--batch-size", "4"])
+    rows = result["throughput"]
+    assert rows["sampling"]["images_per_s"] > 0 and result["images"] == 4
+    assert 0 < rows["pickscore (architecture)"]["share_of_generate"] < 1
+    timings = json.loads((tmp_path / "results.json").read_text())["generate_manifest_timings"]
+    assert timings["sampling_s"] > 0 and timings["s_per_pair"] > 0
+    sys.modules.pop("generate_speed", None)
