@@ -1,4 +1,4 @@
-"""`ncppo demo` and `ncppo toy build | data | study`: thin wrappers over the toy modules."""
+"""`ncppo demo` and `ncppo toy build | data | study | online`: thin wrappers over the toy modules."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ def register(subparsers) -> None:
     from .base import BuildConfig
     from .data import DataConfig
     from .demo import DemoConfig
+    from .online import OnlineConfig
     from .study import StudyConfig
 
     _add(subparsers, "demo", DemoConfig, _demo, help="Toy-world demo: latent-DPO vs NCP-DPO on CPU, no downloads.",
@@ -32,6 +33,12 @@ def register(subparsers) -> None:
          description="Reproduce the shipped toy base: VAE, cached latents, U-Net + text encoder.")
     _add(toy_sub, "data", DataConfig, _data, help="Make Pick-a-Pic-schema pairs labelled by the toy judge.",
          description="Write a parquet shard of toy-world pairs (caption, jpg_0, jpg_1, label_0, ...).")
+    _add(toy_sub, "online", OnlineConfig, _online, help="Offline pairs vs on-policy rounds, and the gold guard "
+         "against a hackable proxy.",
+         description="Offline (fixed toy pairs) against on-policy `ncppo iterate` at equal steps and images, in latent "
+                     "and NCP space, over several training seeds; then iterate labelled by the hackable toy-proxy with the "
+                     "judge as gold, without and with --stop-on-gold-drop. Resumable (skips runs already in results.json); "
+                     "writes report.md, summary.json and figures. See docs/online.md.")
     _add(toy_sub, "study", StudyConfig, _study, help="NCP-DPO vs latent-DPO with statistical power; beta transfer.",
          description="Normalised-beta grids per space (widened until the best is interior), each space at its best "
                      "over several training seeds with held-out images, score curves with bands, a pooled head-to-head "
@@ -59,6 +66,13 @@ def _demo(cfg) -> int:
     from .demo import run_demo
 
     run_demo(cfg)
+    return 0
+
+
+def _online(cfg) -> int:
+    from .online import run_online
+
+    run_online(cfg)
     return 0
 
 

@@ -78,7 +78,7 @@ def _near_best(rows: list[dict], beta: float) -> bool | None:
     return None if row is None else bool(row["best"] or row["diff_ci"][1] >= 0)
 
 
-def _pooled(runs: list[dict], base: dict, n_resamples: int) -> dict:
+def pooled(runs: list[dict], base: dict, n_resamples: int) -> dict:
     """Mean score and win rate vs the base of runs of several seeds on the same held-out images."""
     prompts = _prompt_groups(base["prompts"])
     scores = np.concatenate([r["scores"] for r in runs])
@@ -210,7 +210,7 @@ def summarise(data: dict, n_resamples: int = 10000) -> dict:
     if base and all(final.values()):
         s["final"] = dict(
             base_mean=float(np.mean(base["scores"])), images_per_model_and_seed=len(base["scores"]),
-            spaces={space: _pooled(runs, base, n_resamples) for space, runs in final.items()},
+            spaces={space: pooled(runs, base, n_resamples) for space, runs in final.items()},
             ncp_vs_latent=head_to_head(final["ncp"], final["latent"], base, n_resamples),
             curves={space: curves(runs, min(n_resamples, 4000)) for space, runs in final.items()},
             ncp_steps_to_latent_final=steps_to_reach(final["ncp"], final["latent"]),
@@ -231,7 +231,7 @@ def summarise(data: dict, n_resamples: int = 10000) -> dict:
                 runs = [r for r in runs if r["spec"]["seed"] in {x["spec"]["seed"] for v in variants.values()
                                                                    for x in v}] or runs
                 seeds = {r["spec"]["seed"] for r in runs}
-            entry = _pooled(runs, base, n_resamples)
+            entry = pooled(runs, base, n_resamples)
             bn = [r.get("beta_normalization") or {} for r in runs]
             entry["error_scale"] = float(np.mean([b["error_scale"] for b in bn if b.get("error_scale")] or [np.nan]))
             entry["beta"] = runs[0]["spec"]["beta"]
