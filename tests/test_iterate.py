@@ -144,3 +144,23 @@ def test_bad_inputs_are_one_line(tiny_sd_path, prompt_files, tmp_path, capsys):
 def test_a_rerun_with_other_settings_is_refused(tiny_sd_path, prompt_files, uninterrupted, capsys):
     fails(capsys, iterate_argv(tiny_sd_path, prompt_files, uninterrupted, "--reference", "base"),
           "other settings", "--reference")
+
+
+def test_the_round_guard_stops_and_keeps_the_best_round(tiny_sd_path, prompt_files, tmp_path):
+    """Gold is scripted by evaluation (tests/test_gold_guard.py's ScriptedGold: base 5, then 6, 7, 6.5, ...):
+    with --stop-on-gold-drop 0.4 the rounds end after round 2 (6.5 <= 7 - 0.4), round 3 never runs, and
+    best/ holds round 1's LoRA."""
+    out = tmp_path / "guarded"
+    gold = f"{HERE.parent / 'test_gold_guard.py'}:ScriptedGold"
+    assert main(iterate_argv(tiny_sd_path, prompt_files, out, "--rounds", "4", "--gold-scorer", gold,
+                             "--stop-on-gold-drop", "0.4")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2] and not (out / "round-3").exists()
+    assert [r["eval"]["scores"][gold]["mean"] for r in summary["rounds"]] == [6.0, 7.0, 6.5]
+    assert summary["rounds"][2]["stop"] and "fell 0.4 or more below its best 7" in summary["stopped"]
+    assert summary["best"] == {"round": 1, "lora": summary["rounds"][1]["lora"], "gold": 7.0}
+    assert (out / "best" / "pytorch_lora_weights.safetensors").read_bytes() == Path(summary["rounds"][1]["lora"]).read_bytes()
+    # rerunning the stopped command does not start round 3
+    assert main(iterate_argv(tiny_sd_path, prompt_files, out, "--rounds", "4", "--gold-scorer", gold,
+                             "--stop-on-gold-drop", "0.4")) == 0
+    assert not (out / "round-3").exists()

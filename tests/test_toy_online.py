@@ -1,0 +1,39 @@
+"""`ncppo toy online --quick`: every arm runs through the real commands (train on fixed pairs,
+iterate labelled by the judge or the hackable proxy, with and without the guard), and the report's
+numbers are those of results.json."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ncppo.cli import main
+
+
+@pytest.mark.slow
+def test_quick_online_study(tmp_path):
+    out = tmp_path / "online"
+    assert main(["toy", "online", "--quick", "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert sorted(data["runs"]) == ["hack-guarded-s1", "hack-unguarded-s1", "offline-latent-s1", "offline-ncp-s1",
+                                    "online-latent-s1", "online-ncp-s1"]
+    summary = json.loads((out / "summary.json").read_text())
+    for space in ("latent", "ncp"):
+        for arm in ("offline", "online"):
+            run = data["runs"][f"{arm}-{space}-s1"]
+            assert summary["compare"][space][arm]["mean"] == pytest.approx(np.mean(run["scores"]))
+    online = data["runs"]["online-ncp-s1"]
+    assert [h["step"] for h in online["curve"]] == [0, 2, 4] and online["rounds_run"] == 2
+    offline = data["runs"]["offline-ncp-s1"]
+    assert offline["pairs"] == 2 * 24 * 2 // 2 and [h["step"] for h in offline["curve"]] == [0, 2, 4]
+    guarded = data["runs"]["hack-guarded-s1"]
+    assert guarded["spec"]["drop"] == 0.3 and data["runs"]["hack-unguarded-s1"]["spec"]["drop"] is None
+    report = (out / "report.md").read_text()
+    h = summary["compare"]["ncp"]["online_vs_offline"]
+    assert f"**{100 * h['win_rate']:.1f}%**" in report
+    assert (out / "compare.png").stat().st_size > 1000 and (out / "hack.png").stat().st_size > 1000
+    # resumable: a second run finds every arm done and writes the same report
+    assert main(["toy", "online", "--quick", "--out", str(out)]) == 0
+    assert (out / "report.md").read_text() == report
