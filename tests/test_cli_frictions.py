@@ -204,11 +204,15 @@ def test_run_files_exports_and_checkpoints_follow_the_umask(tiny_sd_path, pairs_
                      "--report-to", "none", "--checkpoint-every", "1", "--space", "latent"]) == 0
         for fmt in ("kohya", "diffusers"):
             assert main(["export", str(run), "--format", fmt, "--out", str(tmp_path / f"{fmt}.safetensors")]) == 0
+        assert main(["data", "cache", str(pairs_parquet), "--model", str(tiny_sd_path), "--resolution", "32",
+                     "--out", str(tmp_path / "cache")]) == 0
     finally:
         os.umask(old)
     checkpoint_files = [p for p in (run / "checkpoint-1").rglob("*") if p.is_file()]
+    cache_shards = list((tmp_path / "cache").glob("*.safetensors"))
+    assert cache_shards
     files = [run / "pytorch_lora_weights.safetensors", run / "manifest.json", *checkpoint_files,
-             tmp_path / "kohya.safetensors", tmp_path / "diffusers.safetensors"]
+             tmp_path / "kohya.safetensors", tmp_path / "diffusers.safetensors", *cache_shards]
     assert any(p.suffix == ".safetensors" for p in checkpoint_files), checkpoint_files
     modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files}
     assert set(modes.values()) == {"0o644"}, modes

@@ -120,6 +120,8 @@ def cache_latents(source, model, out, *, resolution: int = 512, split: str = "tr
     from accelerate.utils import parse_flag_from_env
     from safetensors.torch import save_file
 
+    from ..publish.files import follow_umask
+
     # PartialState, unlike Accelerator, does not read ACCELERATE_USE_CPU: without cpu=True, CPU processes
     # started by torchrun would each think they are alone
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
@@ -163,6 +165,7 @@ def cache_latents(source, model, out, *, resolution: int = 512, split: str = "tr
         name = f"shard-p{state.process_index:03d}-{shard_count:05d}.safetensors"
         save_file({k: torch.cat(v).contiguous() for k, v in shard.items()}, str(out / name),
                   metadata={"format": CACHE_FORMAT})
+        follow_umask(out / name)  # safetensors writes 0600; a cache is shared like any other output
         shard, in_shard = {}, 0
         shard_count += 1
 
