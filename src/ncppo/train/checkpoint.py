@@ -279,6 +279,8 @@ def register_lora_hooks(accelerator, unet, adapter) -> None:
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
+    from ..lora import fit_report
+
     target = accelerator.unwrap_model(unet)
 
     def save_hook(models, weights, output_dir):
@@ -299,15 +301,9 @@ def register_lora_hooks(accelerator, unet, adapter) -> None:
                     raise RunError(f"{input_dir}: no {LORA_FILE} (not a LoRA run's checkpoint?)")
                 saved = load_file(path)
                 expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(target).items()}
-                missing = sorted(set(expected) - set(saved))
-                unexpected = sorted(set(saved) - set(expected))
-                wrong = sorted(k for k in expected if k in saved and tuple(saved[k].shape) != expected[k])
-                if missing or unexpected or wrong:
-                    parts = [f"{len(missing)} LoRA keys missing (e.g. {missing[0]})" if missing else "",
-                             f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
-                             f"{len(wrong)} of another shape (e.g. {wrong[0]}: {tuple(saved[wrong[0]].shape)} "
-                             f"there, {expected[wrong[0]]} now; another --lora-rank?)" if wrong else ""]
-                    raise RunError(f"{path}: does not fit this run's LoRA: " + "; ".join(p for p in parts if p))
+                problem = fit_report(expected, saved)
+                if problem:
+                    raise RunError(f"{path}: does not fit this run's LoRA: {problem}")
                 set_peft_model_state_dict(target, saved)
                 models.pop(i)
 
