@@ -164,3 +164,29 @@ def test_the_round_guard_stops_and_keeps_the_best_round(tiny_sd_path, prompt_fil
     assert main(iterate_argv(tiny_sd_path, prompt_files, out, "--rounds", "4", "--gold-scorer", gold,
                              "--stop-on-gold-drop", "0.4")) == 0
     assert not (out / "round-3").exists()
+
+
+def test_votes_add_human_pairs_to_a_round(tiny_sd_path, prompt_files, tmp_path):
+    """--votes: `ncppo sbs serve` votes (majority per item, ties dropped) join round 0's generated pairs."""
+    import pyarrow.parquet as pq
+
+    from ncppo.sbs.server import ServeConfig, open_session
+    from test_sbs_server import make_sample_folders
+
+    dir_a, dir_b = make_sample_folders(tmp_path, seeds=(0,))
+    votes = tmp_path / "votes.jsonl"
+    session = open_session(ServeConfig(dir_a=str(dir_a), dir_b=str(dir_b), out=str(votes)))
+    for k, winner in enumerate(("a", "b", "tie")):  # A wins item 0, B item 1, item 2 a tie
+        item = session.items[k]
+        side = "tie" if winner == "tie" else "left" if session.image("ann", item.key, "left") == (
+            item.file_a if winner == "a" else item.file_b) else "right"
+        session.vote("ann", item.key, "general", side)
+    session.log.close()
+    out = tmp_path / "with-votes"
+    assert main(iterate_argv(tiny_sd_path, prompt_files, out, "--rounds", "1", "--votes", str(votes))) == 0
+    rows = pq.read_table(out / "round-0" / "pairs" / "train-00000-of-00001.parquet").to_pylist()
+    human = [r for r in rows if r["source"] == "votes"]
+    assert [(r["caption"], r["label_0"]) for r in human] == [(session.items[0].prompt, 1.0), (session.items[1].prompt, 0.0)]
+    assert human[0]["jpg_0"] == session.items[0].file_a.read_bytes()
+    counts = json.loads((out / "round-0" / "pairs" / "manifest.json").read_text())["counts"]
+    assert counts["extra_pairs"] == 2 and counts["rows"] == counts["pairs"] + 2
