@@ -190,3 +190,14 @@ def test_votes_add_human_pairs_to_a_round(tiny_sd_path, prompt_files, tmp_path):
     assert human[0]["jpg_0"] == session.items[0].file_a.read_bytes()
     counts = json.loads((out / "round-0" / "pairs" / "manifest.json").read_text())["counts"]
     assert counts["extra_pairs"] == 2 and counts["rows"] == counts["pairs"] + 2
+
+
+def test_warm_start_trains_first_and_round_0_samples_from_it(tiny_sd_path, prompt_files, pairs_parquet, tmp_path):
+    out = tmp_path / "warm"
+    assert main(iterate_argv(tiny_sd_path, prompt_files, out, "--rounds", "1", "--warm-start", str(pairs_parquet))) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    warm = summary["rounds"][0]
+    assert warm["round"] == "warm-start" and warm["lora"] == str(out / "warm-start" / "run" / "pytorch_lora_weights.safetensors")
+    assert json.loads((out / "round-0" / "pairs" / "manifest.json").read_text())["lora"] == warm["lora"]
+    assert json.loads((out / "round-0" / "run" / "manifest.json").read_text())["config"]["init_lora"] == warm["lora"]
+    assert "| warm-start |" in (out / "summary.md").read_text()
