@@ -69,7 +69,7 @@ def multi_panel(path: str | Path | None, panels: Sequence[Panel | dict], *, xlab
                 log_x: bool = False, size: tuple[float, float] | None = None, dpi: int = 100):
     """Panels stacked vertically, sharing the x axis (labelled once, at the bottom); each has
     its own y label, intervals and legend. `panels` may be dicts of `Panel`'s fields. Default
-    size: 7 inches wide, 3.2 inches per panel (+1 for the title)."""
+    size: 7 inches wide, 3.2 inches per panel + 0.4 (+ 0.6 more with a title)."""
     from matplotlib.figure import Figure
 
     panels = [p if isinstance(p, Panel) else Panel(**p) for p in panels]
