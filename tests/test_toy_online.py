@@ -37,3 +37,30 @@ def test_quick_online_study(tmp_path):
     # resumable: a second run finds every arm done and writes the same report
     assert main(["toy", "online", "--quick", "--out", str(out)]) == 0
     assert (out / "report.md").read_text() == report
+
+
+def test_documented_evidence_is_the_stored_study(tmp_path):
+    """docs/online.md's evidence block is the report `write_online_report` writes from
+    docs/online/results.json (the study's runs), and the README's table quotes the same numbers."""
+    import re
+    from pathlib import Path
+
+    from ncppo.toy.online import OnlineConfig
+    from ncppo.toy.online_report import write_online_report
+
+    root = Path(__file__).resolve().parents[1]
+    data = json.loads((root / "docs/online/results.json").read_text())
+    summary = write_online_report(tmp_path, data, OnlineConfig(seeds=5).resolved())
+    report = (tmp_path / "report.md").read_text().strip().splitlines()
+    body = "\n".join(report[1:]).strip().replace("\n## ", "\n### ")
+    body = body.replace("](compare.png)", "](online/compare.png)").replace("](hack.png)", "](online/hack.png)")
+    doc = re.search(r"<!-- online:begin -->\n(.*?)\n<!-- online:end -->", (root / "docs/online.md").read_text(), re.S)
+    assert doc and doc.group(1).strip() == body
+    readme = re.search(r"<!-- online-evidence:begin -->\n(.*?)\n<!-- online-evidence:end -->",
+                       (root / "README.md").read_text(), re.S).group(1)
+    for space in ("latent", "ncp"):
+        for arm in ("offline", "online"):
+            p = summary["compare"][space][arm]
+            assert f"{p['mean']:.3f} [{p['mean_ci'][0]:.3f}, {p['mean_ci'][1]:.3f}]" in readme
+            assert f"{100 * p['win_vs_base']:.1f}%" in readme
+    assert f"{100 * summary['hack']['guarded_vs_unguarded']['win_rate']:.1f}%" in readme

@@ -22,6 +22,18 @@ def _curve_runs(runs: list[dict], key: str) -> list[dict]:
             for r in runs]
 
 
+def _held(run: dict, steps: list[int], steps_per_round: int) -> dict:
+    """A guarded run's curve as what it holds at each step: after a guard stop, the kept best round's
+    curve scores carried forward (so every seed counts at every step of the figure)."""
+    curve = list(run["curve"])
+    best = run.get("best_round")
+    kept_step = 0 if best in (None, "base") else (best + 1) * steps_per_round
+    kept = next(h for h in curve if h["step"] == kept_step)
+    done = {h["step"] for h in curve}
+    curve += [{**kept, "step": step} for step in steps if step not in done and step > max(done)]
+    return {**run, "curve": sorted(curve, key=lambda h: h["step"])}
+
+
 def summarise(data: dict, cfg) -> dict:
     """Pooled scores, win rates and head-to-heads with their intervals; curves over training seeds."""
     n = cfg.bootstrap
@@ -43,10 +55,12 @@ def summarise(data: dict, cfg) -> dict:
     hack = {arm: _runs(data, f"hack-{arm}") for arm in ("unguarded", "guarded")}
     if all(hack.values()):
         entry = {}
+        steps = sorted({h["step"] for r in hack["unguarded"] for h in r["curve"]})
         for arm, runs in hack.items():
+            shown = [_held(r, steps, cfg.steps_per_round) for r in runs] if arm == "guarded" else runs
             entry[arm] = pooled(runs, base, n) | {
-                "gold_curve": curves(_curve_runs(runs, "toy-judge"), n),
-                "proxy_curve": curves(_curve_runs(runs, "toy-proxy"), n),
+                "gold_curve": curves(_curve_runs(shown, "toy-judge"), n),
+                "proxy_curve": curves(_curve_runs(shown, "toy-proxy"), n),
                 "proxy_final_mean": float(np.mean([np.mean(r["proxy"]) for r in runs])),
                 "rounds_run": [r["rounds_run"] for r in runs], "best_round": [r["best_round"] for r in runs],
                 "stopped": [r["stopped"] for r in runs]}
@@ -58,7 +72,9 @@ def summarise(data: dict, cfg) -> dict:
             kept = next(float(np.mean(h["toy-judge"])) for h in g["curve"]
                         if h["step"] == (0 if g["best_round"] in (None, "base") else (g["best_round"] + 1) * cfg.steps_per_round))
             peaks.append({"seed": g["spec"]["seed"], "peak": max(rounds), "peak_step": u["curve"][int(np.argmax(rounds))]["step"],
-                          "last": rounds[-1], "guarded_result": kept})
+                          "last": rounds[-1], "guarded_result": kept, "rounds_run": g["rounds_run"],
+                          "best_round": g["best_round"], "final_unguarded": float(np.mean(u["scores"])),
+                          "final_guarded": float(np.mean(g["scores"]))})
         entry["peaks"] = peaks
         out["hack"] = entry
     return out
@@ -138,7 +154,16 @@ def write_online_report(out: Path, data: dict, cfg) -> dict:
                   f"{g['mean']:.3f} {_ci(g['mean_ci'])}; guarded vs unguarded head to head "
                   f"**{100 * hk['guarded_vs_unguarded']['win_rate']:.1f}%** {_ci(hk['guarded_vs_unguarded']['ci'], True)}. "
                   f"Proxy on the same images: unguarded {u['proxy_final_mean']:.3f}, guarded {g['proxy_final_mean']:.3f}.",
-                  "", "![proxy and gold over rounds](hack.png)", ""]
+                  "", "Per seed (gold on the curve images; final = the 96 held-out images of the final comparison):", "",
+                  "| seed | unguarded gold: peak (step) -> last | guarded: rounds run, kept round | gold kept (curve) "
+                  "| final judge unguarded / guarded |", "|---|---|---|---|---|"]
+        lines += [f"| {p['seed']} | {p['peak']:.3f} ({p['peak_step']}) -> {p['last']:.3f} | {p['rounds_run']}, "
+                  f"{'base' if p['best_round'] in (None, 'base') else p['best_round']} | {p['guarded_result']:.3f} "
+                  f"| {p['final_unguarded']:.3f} / {p['final_guarded']:.3f} |" for p in hk["peaks"]]
+        lines += ["", "The guard picks the best round on the curve images, so the kept round's curve score is biased "
+                      "upwards; the final held-out images are the unbiased comparison. In the figure a stopped guarded "
+                      "run holds its kept round's scores after the stop.", "",
+                  "![proxy and gold over rounds](hack.png)", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
     atomic_write_text(out / "summary.json", json.dumps(s, indent=2) + "\n")
     _figures(out, s)
@@ -164,4 +189,4 @@ def _figures(out: Path, s: dict) -> None:
                   Panel({"unguarded": pts(hk["unguarded"]["gold_curve"]), "guarded": pts(hk["guarded"]["gold_curve"])},
                         ylabel="gold (toy judge)", hline=s["base"]["mean"], hline_label="base")]
         multi_panel(out / "hack.png", panels, xlabel="optimizer step (rounds end)",
-                    title="reward hacking: proxy up, gold down; the guard stops (95% band over seeds)")
+                    title="proxy up, gold down; the guard keeps its best round (95% band over seeds)")
