@@ -1,7 +1,7 @@
 """The gold guard in `ncppo train`: gold scored on held-out prompts every --gold-every steps beside
 the proxy, logged, the best step kept in best/, and --stop-on-gold-drop ending the run with the
 best step's weights as the result. The gold scores here are scripted (a user's module:callable
-scorer), so the decisions are exact; tests/test_online_toy.py shows the guard on real reward hacking."""
+scorer), so the decisions are exact; tests/test_reward_hacking.py shows the guard on real reward hacking."""
 
 from __future__ import annotations
 
