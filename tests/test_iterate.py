@@ -192,9 +192,16 @@ def test_votes_add_human_pairs_to_a_round(tiny_sd_path, prompt_files, tmp_path):
     assert counts["extra_pairs"] == 2 and counts["rows"] == counts["pairs"] + 2
 
 
-def test_warm_start_trains_first_and_round_0_samples_from_it(tiny_sd_path, prompt_files, pairs_parquet, tmp_path):
+def test_warm_start_trains_first_and_round_0_samples_from_it(tiny_sd_path, prompt_files, pairs_parquet, tmp_path,
+                                                             capsys):
     out = tmp_path / "warm"
     assert main(iterate_argv(tiny_sd_path, prompt_files, out, "--rounds", "1", "--warm-start", str(pairs_parquet))) == 0
+    # progress bars name the step, the method and the round out of all rounds
+    bars = capsys.readouterr().err
+    for label in ("base eval: sampling", "warm start latent-DPO train", "warm start eval: sampling",
+                  "round 0 (1/1) generate: sampling", "round 0 (1/1) generate: scoring", "round 0 (1/1) latent-DPO train",
+                  "round 0 (1/1) eval: sampling"):
+        assert label in bars, label
     summary = json.loads((out / "summary.json").read_text())
     warm = summary["rounds"][0]
     assert warm["round"] == "warm-start" and warm["lora"] == str(out / "warm-start" / "run" / "pytorch_lora_weights.safetensors")

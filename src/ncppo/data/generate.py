@@ -240,7 +240,7 @@ def _resolve_device(device: str) -> str:
 
 def score_candidates(folder: Path, index: list[dict], scorers: list[tuple[str, float, str | None]], *,
                      options: dict, batch_size: int, device: str, dtype, loaded: dict | None = None,
-                     progress: bool = True) -> dict[str, np.ndarray]:
+                     progress: bool = True, stage: str | None = None) -> dict[str, np.ndarray]:
     """Raw scores {scorer: (N,)} of the candidates of `index`, from `folder/scores.jsonl` where a
     column was made with the same weights, else by scoring the images in batches (images are read
     per batch, never all at once). `loaded` maps names to already-loaded scorers."""
@@ -268,8 +268,8 @@ def score_candidates(folder: Path, index: list[dict], scorers: list[tuple[str, f
         if len(todo):
             scorer = (loaded or {}).get(name) or get_scorer(name, path, device=device, dtype=dtype,
                                                             **accepted_options(name, options))
-            for start in tqdm(range(0, len(todo), batch_size), desc=f"scoring {name}", unit="batch",
-                              disable=not progress):
+            desc = f"{stage + ': ' if stage else ''}scoring {name}"
+            for start in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch", disable=not progress):
                 chunk = todo[start:start + batch_size]
                 images = load_images(folder, [index[i] for i in chunk])
                 scores = scorer.score(images, [index[i]["prompt"] for i in chunk])
@@ -336,10 +336,11 @@ def _uid(row: dict) -> str:
 
 
 def run_generate(config: GenerateConfig, *, extra_rows: list[dict] | None = None, scorers: dict | None = None,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, stage: str | None = None) -> Path:
     """Sample, score and pair (see the module docstring); returns ``config.out``. `extra_rows` are
     pairs added as they are (e.g. human votes from `ncppo sbs export`); `scorers` maps names to
-    already-loaded scorers (a caller running several rounds loads each once)."""
+    already-loaded scorers (a caller running several rounds loads each once); `stage` names the
+    caller's step in the progress bars."""
     from ..evaluate.sample import (DTYPES, check_sources, prompt_hash, read_index, read_prompts, run_sample,
                                    sampling_state)
     from ..manifest import write_manifest
@@ -365,7 +366,7 @@ def run_generate(config: GenerateConfig, *, extra_rows: list[dict] | None = None
                                           **accepted_options(name, config.options()))
     t0 = time.perf_counter()
     with _disk_full_is_a_run_error(out):
-        run_sample(config.sample_config())
+        run_sample(config.sample_config(), stage=stage)
     sampling_s = time.perf_counter() - t0
     if not state.is_main_process:
         return out
@@ -374,7 +375,8 @@ def run_generate(config: GenerateConfig, *, extra_rows: list[dict] | None = None
     t1 = time.perf_counter()
     with _disk_full_is_a_run_error(out):
         raw = score_candidates(folder, index, weighted, options=config.options(), batch_size=config.score_batch_size,
-                               device=device, dtype=DTYPES[config.dtype], loaded=loaded, progress=progress)
+                               device=device, dtype=DTYPES[config.dtype], loaded=loaded, progress=progress,
+                               stage=stage)
     scoring_s = time.perf_counter() - t1
 
     groups = np.array([r["prompt_index"] for r in index])

@@ -565,9 +565,10 @@ def sampling_state(device: str):
     return PartialState(cpu=cpu)
 
 
-def run_sample(config: SampleConfig) -> Path:
+def run_sample(config: SampleConfig, *, stage: str | None = None) -> Path:
     """Generate the missing images of (prompt, seed) for every prompt and seed, split across the
-    accelerate processes, then write index.jsonl and the run manifest. Returns the output folder."""
+    accelerate processes, then write index.jsonl and the run manifest. Returns the output folder.
+    `stage` names the caller's step in the progress bar (e.g. `round 0 (1/2) eval`)."""
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
@@ -607,8 +608,8 @@ def run_sample(config: SampleConfig) -> Path:
                              scheduler=config.scheduler, dtype=DTYPES[config.dtype], device=state.device,
                              revision=config.revision, variant=config.variant, vae=config.vae)
         bs = config.batch_size
-        for start in tqdm(range(0, len(mine), bs), desc=f"sampling (process {state.process_index})",
-                          unit="batch", disable=not state.is_local_main_process):
+        desc = f"{stage + ': ' if stage else ''}sampling (process {state.process_index})"
+        for start in tqdm(range(0, len(mine), bs), desc=desc, unit="batch", disable=not state.is_local_main_process):
             chunk = mine[start:start + bs]
             images = sample_images(pipe, [prompts[i] for i, _ in chunk], [s for _, s in chunk], steps=config.steps,
                                    guidance=config.guidance, height=config.height, width=config.width,

@@ -51,7 +51,8 @@ def iterate(config: IterateConfig, train_config: TrainConfig) -> dict:
     state.wait_for_everyone()
     loaded = _load_scorers(config, train_config, scorers, state) if state.is_main_process else {}
 
-    base = _evaluate(config, train_config, out / BASE_EVAL, lora=None, scorers=scorers, loaded=loaded)
+    base = _evaluate(config, train_config, out / BASE_EVAL, lora=None, scorers=scorers, loaded=loaded,
+                     stage="base eval")
     records: list[dict] = []
     lora = None
     if config.warm_start:
@@ -78,15 +79,18 @@ def _run_round(config, train_config, r, folder, lora, scorers, loaded, base, vot
     from ..data.generate import run_generate
 
     pairs = folder / "pairs"
-    run_generate(_generate_config(config, train_config, r, pairs, lora), extra_rows=votes, scorers=loaded)
+    stage = f"round {r} ({r + 1}/{config.rounds})"
+    run_generate(_generate_config(config, train_config, r, pairs, lora), extra_rows=votes, scorers=loaded,
+                 stage=f"{stage} generate")
     reference = lora if config.reference == "previous" else None
     weights = _train(dataclasses.replace(in_round(train_config), data=str(pairs), output_dir=str(folder / "run"),
                                          resume="latest", init_lora=lora, reference_lora=reference,
                                          # round r trains with seed + 1 + r (the warm start with seed itself)
-                                         seed=train_config.seed + 1 + r, progress_desc=f"round {r} train"))
+                                         seed=train_config.seed + 1 + r,
+                                         progress_desc=f"{stage} {method_name(train_config)} train"))
     last = r == config.rounds - 1
     evaluation = (_evaluate(config, train_config, folder / "eval", lora=str(weights), scorers=scorers, loaded=loaded,
-                            base=base) if config.eval_per_round or last else None)
+                            base=base, stage=f"{stage} eval") if config.eval_per_round or last else None)
     record = {"round": r, "lora": str(weights), "reference": reference or "base",
               "pairs": _pair_counts(pairs), "eval": evaluation}
     record["stop"] = _guard(train_config, base, done + [record])
@@ -103,13 +107,18 @@ def _warm_start(config, train_config, out, scorers, loaded, base) -> tuple[str, 
         weights = _train(dataclasses.replace(in_round(train_config), data=config.warm_start,
                                              output_dir=str(folder / "run"),
                                              resume="latest", init_lora=None, reference_lora=None,
-                                             progress_desc="warm start train"))
+                                             progress_desc=f"warm start {method_name(train_config)} train"))
         evaluation = _evaluate(config, train_config, folder / "eval", lora=str(weights), scorers=scorers,
-                               loaded=loaded, base=base)
+                               loaded=loaded, base=base, stage="warm start eval")
         record = {"round": "warm-start", "lora": str(weights), "reference": "base", "pairs": None, "eval": evaluation,
                   "stop": None}
         atomic_write_text(folder / ROUND_FILE, json.dumps(record, indent=2) + "\n")
     return record["lora"], record
+
+
+def method_name(train_config: TrainConfig) -> str:
+    """`NCP-DPO`, `latent-IPO`, ...: the space and objective, for progress bars."""
+    return f"{'NCP' if train_config.space == 'ncp' else train_config.space}-{train_config.objective.upper()}"
 
 
 def in_round(train_config: TrainConfig) -> TrainConfig:
@@ -175,7 +184,8 @@ def _read_round(folder: Path) -> dict | None:
 
 # ------------------------------------------------------------------------------ evaluation and the guard
 
-def _evaluate(config, train_config, folder: Path, *, lora, scorers, loaded, base: dict | None = None) -> dict:
+def _evaluate(config, train_config, folder: Path, *, lora, scorers, loaded, base: dict | None = None,
+              stage: str | None = None) -> dict:
     """Images of the held-out prompts (eval seeds) from the base + `lora`, scored by the labelling
     scorers and the gold scorer; means with intervals and, given `base`, win rates against it."""
     from ..data.generate import score_candidates
@@ -189,14 +199,15 @@ def _evaluate(config, train_config, folder: Path, *, lora, scorers, loaded, base
                           guidance=train_config.guidance_scale, scheduler=config.scheduler,
                           height=_resolution(train_config), width=_resolution(train_config),
                           batch_size=config.sample_batch_size, dtype=_sample_dtype(config, train_config))
-    run_sample(sample)
+    run_sample(sample, stage=stage)
     state = sampling_state(sample.device)
     result = None
     if state.is_main_process:
         index = read_index(folder)
         raw = score_candidates(folder, index, scorers, options=dict(o.split("=", 1) for o in config.scorer_option),
                                batch_size=config.score_batch_size, device=str(state.device),
-                               dtype=DTYPES[sample.dtype], loaded=loaded, progress=False)
+                               dtype=DTYPES[sample.dtype], loaded=loaded, progress=False,
+                               stage=stage)
         groups = [r["prompt_index"] for r in index]
         result = {"folder": str(folder), "images": len(index), "scores": {}}
         for name, values in raw.items():
