@@ -39,23 +39,38 @@ def test_quick_online_study(tmp_path):
     assert (out / "report.md").read_text() == report
 
 
+def _documented_report(tmp_path, results: str, cfg, marker: str, figures: str) -> dict:
+    """Asserts docs/online.md's `marker` block is the report written from `results`; returns its summary."""
+    import re
+    from pathlib import Path
+
+    from ncppo.toy.online_report import write_online_report
+
+    root = Path(__file__).resolve().parents[1]
+    summary = write_online_report(tmp_path, json.loads((root / results).read_text()), cfg)
+    report = (tmp_path / "report.md").read_text().strip().splitlines()
+    body = "\n".join(report[1:]).strip().replace("\n## ", "\n### ")
+    body = body.replace("](compare.png)", f"]({figures}/compare.png)").replace("](hack.png)", f"]({figures}/hack.png)")
+    doc = re.search(rf"<!-- {marker}:begin -->\n(.*?)\n<!-- {marker}:end -->", (root / "docs/online.md").read_text(), re.S)
+    assert doc and doc.group(1).strip() == body
+    return summary
+
+
 def test_documented_evidence_is_the_stored_study(tmp_path):
-    """docs/online.md's evidence block is the report `write_online_report` writes from
-    docs/online/results.json (the study's runs), and the README's table quotes the same numbers."""
+    """docs/online.md's evidence blocks are the reports `write_online_report` writes from the stored
+    studies (docs/online/results.json; latent-DPO at beta 1 in docs/online/latent-beta-1/), and the
+    README's table quotes the same numbers."""
     import re
     from pathlib import Path
 
     from ncppo.toy.online import OnlineConfig
-    from ncppo.toy.online_report import write_online_report
 
+    summary = _documented_report(tmp_path / "main", "docs/online/results.json", OnlineConfig(seeds=5).resolved(),
+                                 "online", "online")
+    _documented_report(tmp_path / "beta1", "docs/online/latent-beta-1/results.json",
+                       OnlineConfig(seeds=5, latent_beta=1.0, parts=["compare"]).resolved(), "online-latent-beta-1",
+                       "online/latent-beta-1")
     root = Path(__file__).resolve().parents[1]
-    data = json.loads((root / "docs/online/results.json").read_text())
-    summary = write_online_report(tmp_path, data, OnlineConfig(seeds=5).resolved())
-    report = (tmp_path / "report.md").read_text().strip().splitlines()
-    body = "\n".join(report[1:]).strip().replace("\n## ", "\n### ")
-    body = body.replace("](compare.png)", "](online/compare.png)").replace("](hack.png)", "](online/hack.png)")
-    doc = re.search(r"<!-- online:begin -->\n(.*?)\n<!-- online:end -->", (root / "docs/online.md").read_text(), re.S)
-    assert doc and doc.group(1).strip() == body
     readme = re.search(r"<!-- online-evidence:begin -->\n(.*?)\n<!-- online-evidence:end -->",
                        (root / "README.md").read_text(), re.S).group(1)
     for space in ("latent", "ncp"):

@@ -80,6 +80,16 @@ def summarise(data: dict, cfg) -> dict:
     return out
 
 
+def _study_choice(cfg) -> str:
+    """' (the toy study's choices)' when both betas are the defaults, which the toy study chose."""
+    from .online import OnlineConfig
+
+    default = OnlineConfig()
+    if (cfg.latent_beta, cfg.ncp_beta) == (default.latent_beta, default.ncp_beta):
+        return " (the toy study's choices)"
+    return f" (the toy study chose latent {default.latent_beta:g} / NCP {default.ncp_beta:g})"
+
+
 def _ci(ci, pct: bool = False) -> str:
     if pct:
         return f"[{100 * ci[0]:.1f}%, {100 * ci[1]:.1f}%]"
@@ -98,7 +108,7 @@ def write_online_report(out: Path, data: dict, cfg) -> dict:
              f"mean judge score {s['base']['mean']:.3f}. Intervals: 95% two-stage bootstrap, training seeds and prompts "
              "crossed, then the images in each cell. LoRA rank "
              f"{cfg.lora_rank}, DPO, batch {cfg.batch_size}, lr {cfg.lr}, normalised beta latent {cfg.latent_beta:g} / "
-             f"NCP {cfg.ncp_beta:g} (the toy study's choices).", ""]
+             f"NCP {cfg.ncp_beta:g}{_study_choice(cfg)}.", ""]
     if s["compare"]:
         pairs = cfg.rounds * 24 * cfg.per_prompt // 2
         lines += ["## Offline pairs against on-policy rounds", "",
