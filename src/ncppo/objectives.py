@@ -146,6 +146,11 @@ class LossOutput:
     metrics: dict[str, torch.Tensor]  # detached scalars
 
 
+def method_name(space: str, objective: str) -> str:
+    """`NCP-DPO`, `latent-IPO`, ...: how a run's space and objective are named in cards and progress bars."""
+    return f"{'NCP' if space == 'ncp' else 'latent'}-{objective.upper()}"
+
+
 def convert_beta(value: float, convention: str) -> float:
     """Beta in this project's convention for a ``value`` given in ``convention``.
 

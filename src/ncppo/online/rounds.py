@@ -24,6 +24,7 @@ from pathlib import Path
 from ..configs import ConfigError
 from ..errors import InputError, RunError
 from ..manifest import atomic_write_text, write_manifest
+from ..objectives import method_name
 from ..train.config import TrainConfig
 from .config import ROUND_OWNED, IterateConfig
 
@@ -80,6 +81,7 @@ def _run_round(config, train_config, r, folder, lora, scorers, loaded, base, vot
 
     pairs = folder / "pairs"
     stage = f"round {r} ({r + 1}/{config.rounds})"
+    method = method_name(train_config.space, train_config.objective)
     run_generate(_generate_config(config, train_config, r, pairs, lora), extra_rows=votes, scorers=loaded,
                  stage=f"{stage} generate")
     reference = lora if config.reference == "previous" else None
@@ -87,7 +89,7 @@ def _run_round(config, train_config, r, folder, lora, scorers, loaded, base, vot
                                          resume="latest", init_lora=lora, reference_lora=reference,
                                          # round r trains with seed + 1 + r (the warm start with seed itself)
                                          seed=train_config.seed + 1 + r,
-                                         progress_desc=f"{stage} {method_name(train_config)} train"))
+                                         progress_desc=f"{stage} {method} train"))
     last = r == config.rounds - 1
     evaluation = (_evaluate(config, train_config, folder / "eval", lora=str(weights), scorers=scorers, loaded=loaded,
                             base=base, stage=f"{stage} eval") if config.eval_per_round or last else None)
@@ -104,21 +106,17 @@ def _warm_start(config, train_config, out, scorers, loaded, base) -> tuple[str, 
     folder = out / WARM_START
     record = _read_round(folder)
     if record is None:
+        method = method_name(train_config.space, train_config.objective)
         weights = _train(dataclasses.replace(in_round(train_config), data=config.warm_start,
                                              output_dir=str(folder / "run"),
                                              resume="latest", init_lora=None, reference_lora=None,
-                                             progress_desc=f"warm start {method_name(train_config)} train"))
+                                             progress_desc=f"warm start {method} train"))
         evaluation = _evaluate(config, train_config, folder / "eval", lora=str(weights), scorers=scorers,
                                loaded=loaded, base=base, stage="warm start eval")
         record = {"round": "warm-start", "lora": str(weights), "reference": "base", "pairs": None, "eval": evaluation,
                   "stop": None}
         atomic_write_text(folder / ROUND_FILE, json.dumps(record, indent=2) + "\n")
     return record["lora"], record
-
-
-def method_name(train_config: TrainConfig) -> str:
-    """`NCP-DPO`, `latent-IPO`, ...: the space and objective, for progress bars."""
-    return f"{'NCP' if train_config.space == 'ncp' else train_config.space}-{train_config.objective.upper()}"
 
 
 def in_round(train_config: TrainConfig) -> TrainConfig:

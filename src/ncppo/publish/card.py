@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from ..errors import InputError, MissingInputError, OutputExistsError
-from ..objectives import BETA_CONVENTIONS, NEEDS_REFERENCE
+from ..objectives import BETA_CONVENTIONS, NEEDS_REFERENCE, method_name
 from .run import WEIGHTS_FILE, TrainedRun, load_run
 
 # The card's last line; a README.md without it was written by someone else and is never overwritten.
@@ -180,8 +180,7 @@ def _method_name(run: TrainedRun) -> str:
     c = run.config
     if not c.get("objective"):
         return "preference"
-    space = "NCP" if c.get("space") == "ncp" else "latent"
-    return f"{space}-{c['objective'].upper()}"
+    return method_name(c.get("space"), c["objective"])
 
 
 def _denoiser(run: TrainedRun) -> str:

@@ -27,9 +27,9 @@ import numpy as np
 from ..configs import ConfigError, option
 from . import world
 from .demo import DEFAULT_BETA
+from .study_report import NAMES
 
 SPACES = ("latent", "ncp")
-NAMES = {"latent": "latent-DPO", "ncp": "NCP-DPO"}
 PARTS = ("compare", "hack")
 EVAL_SEED0 = 1000  # held-out image seeds of the final comparison (curves use 0 ..)
 

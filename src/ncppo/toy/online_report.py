@@ -7,9 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .study_report import curves, head_to_head, pooled
-
-NAMES = {"latent": "latent-DPO", "ncp": "NCP-DPO"}
+from .study_report import NAMES, curves, head_to_head, pooled
 
 
 def _runs(data: dict, arm: str, space: str | None = None) -> list[dict]:
@@ -22,13 +20,18 @@ def _curve_runs(runs: list[dict], key: str) -> list[dict]:
             for r in runs]
 
 
+def _kept(run: dict, steps_per_round: int) -> dict:
+    """The curve entry of a guarded run's result: its best round's (step 0 when the base was best)."""
+    best = run.get("best_round")
+    step = 0 if best in (None, "base") else (best + 1) * steps_per_round
+    return next(h for h in run["curve"] if h["step"] == step)
+
+
 def _held(run: dict, steps: list[int], steps_per_round: int) -> dict:
     """A guarded run's curve as what it holds at each step: after a guard stop, the kept best round's
     curve scores carried forward (so every seed counts at every step of the figure)."""
     curve = list(run["curve"])
-    best = run.get("best_round")
-    kept_step = 0 if best in (None, "base") else (best + 1) * steps_per_round
-    kept = next(h for h in curve if h["step"] == kept_step)
+    kept = _kept(run, steps_per_round)
     done = {h["step"] for h in curve}
     curve += [{**kept, "step": step} for step in steps if step not in done and step > max(done)]
     return {**run, "curve": sorted(curve, key=lambda h: h["step"])}
@@ -69,8 +72,7 @@ def summarise(data: dict, cfg) -> dict:
         peaks = []
         for g, u in zip(hack["guarded"], hack["unguarded"]):
             rounds = [float(np.mean(h["toy-judge"])) for h in u["curve"]]
-            kept = next(float(np.mean(h["toy-judge"])) for h in g["curve"]
-                        if h["step"] == (0 if g["best_round"] in (None, "base") else (g["best_round"] + 1) * cfg.steps_per_round))
+            kept = float(np.mean(_kept(g, cfg.steps_per_round)["toy-judge"]))
             peaks.append({"seed": g["spec"]["seed"], "peak": max(rounds), "peak_step": u["curve"][int(np.argmax(rounds))]["step"],
                           "last": rounds[-1], "guarded_result": kept, "rounds_run": g["rounds_run"],
                           "best_round": g["best_round"], "final_unguarded": float(np.mean(u["scores"])),

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from ..evaluate.stats import two_stage_bootstrap, win_rate_interval, win_values
+from ..objectives import method_name
 
 SPACES = ("latent", "ncp")
-NAMES = {"latent": "latent-DPO", "ncp": "NCP-DPO"}
+NAMES = {space: method_name(space, "dpo") for space in ("latent", "ncp")}
 
 
 def _prompt_groups(prompts: list[str]) -> np.ndarray:
