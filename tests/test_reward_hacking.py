@@ -4,7 +4,12 @@ NCP-DPO at a high learning rate. Without the guard the proxy rises while the gol
 its peak; with `--stop-on-gold-drop` the run stops and its result is the peak step's weights.
 Removing the guard (or its stop) makes the guarded assertions fail. tests/test_gold_guard.py checks
 the guard's decisions exactly with scripted gold; docs/online.md shows the same over rounds and
-seeds."""
+seeds.
+
+Measured here (fp32 CPU, the same to 3 decimals with 1 and 2 torch threads): unguarded proxy 6.277 ->
+6.879, gold 6.027 -> 6.159 (step 50) -> 4.957; guarded stop at step 100 (gold 5.100). The tightest
+assertions hold by about 0.2 judge points (gold end vs peak - 1.0, and kept gold vs end + 1.0): a
+real training trajectory, which another CPU's arithmetic can move; the margins are not rounding-sized."""
 
 from __future__ import annotations
 
